@@ -1,0 +1,104 @@
+"""GPT (GPT-2 style) and LLaMA as megatron-core ``GPTModel`` configurations plus layer specs.
+
+The two families differ only in configuration:
+
+| family | positions        | norm      | MLP            | biases | output layer |
+|--------|------------------|-----------|----------------|--------|--------------|
+| gpt    | learned absolute | LayerNorm | GeLU (tanh)    | yes    | tied (opt.)  |
+| llama  | RoPE             | RMSNorm   | SwiGLU         | no     | untied       |
+
+Parallelism is applied from outside: the builder takes a :class:`ParallelContext` and builds this
+rank's pipeline stage with its tensor-parallel shards.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from megatron_tempnet.config import ModelConfig
+from megatron_tempnet.parallel.runtime import ParallelContext
+
+gelu_tanh = functools.partial(F.gelu, approximate="tanh")
+
+
+def transformer_config(cfg: ModelConfig, parallel: ParallelContext,
+                       params_dtype: torch.dtype = torch.float32, **extra):
+    """megatron-core TransformerConfig for a model config on a parallel layout."""
+    from megatron.core.transformer import TransformerConfig
+
+    llama = cfg.family == "llama"
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        kv_channels=cfg.head_dim,
+        normalization="RMSNorm" if llama else "LayerNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=llama,
+        activation_func=F.silu if llama else gelu_tanh,
+        add_bias_linear=not llama,
+        add_qkv_bias=not llama,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=parallel.tp_size,
+        pipeline_model_parallel_size=parallel.pp_size,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=True,
+        **extra,
+    )
+
+
+def layer_spec(cfg: ModelConfig, use_transformer_engine: bool | None = None):
+    """Transformer Engine spec when importable on a GPU; megatron-core's local spec otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_transformer_engine is None:
+        use_transformer_engine = torch.cuda.is_available() and _te_importable()
+    if use_transformer_engine:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    norm = "RMSNorm" if cfg.family == "llama" else "LayerNorm"
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=norm)
+
+
+def _te_importable() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_model(cfg: ModelConfig, parallel: ParallelContext, *,
+                params_dtype: torch.dtype = torch.float32, use_transformer_engine=None,
+                model_cls=None, **model_kwargs):
+    """This rank's stage of the model (first stage embeds, last stage has the output layer)."""
+    from megatron.core.models.gpt import GPTModel
+
+    cfg.validate(parallel.tp_size, parallel.pp_size)
+    model_cls = model_cls or GPTModel
+    model = model_cls(
+        config=transformer_config(cfg, parallel, params_dtype),
+        transformer_layer_spec=layer_spec(cfg, use_transformer_engine),
+        vocab_size=cfg.padded_vocab_size(parallel.tp_size),
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=parallel.is_first_stage,
+        post_process=parallel.is_last_stage,
+        share_embeddings_and_output_weights=cfg.tie_embeddings,
+        position_embedding_type="rope" if cfg.family == "llama" else "learned_absolute",
+        rotary_base=cfg.rotary_base,
+        **model_kwargs,
+    )
+    return model.to(parallel.device)

