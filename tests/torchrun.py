@@ -36,7 +36,7 @@ def run_torchrun(script: str, tmp_path: Path, *args: str, nproc: int = 2, timeou
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(WORKERS / script), *args]
     full_env = dict(os.environ, TEST_RESULT_DIR=str(out), OMP_NUM_THREADS="1",
-                    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+                    PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
     full_env.update(env or {})
     try:
         proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout,

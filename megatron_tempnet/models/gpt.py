@@ -57,6 +57,9 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelContext,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=True,
+        # Loss = sum over tokens / tokens in the global batch (exact across micro-batches and
+        # data-parallel ranks; megatron-core's finalize_model_grads divides by the token count).
+        calculate_per_token_loss=True,
         **extra,
     )
 
