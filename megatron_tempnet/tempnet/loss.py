@@ -1,0 +1,143 @@
+"""Vocab-parallel DRO loss (tempnet.md sections 1 and 3).
+
+Per token, with z the logits row, y its target and tau its temperature,
+
+    l(z, y, tau) = tau * CE(z / tau, y) + (rho - log V) * tau,
+
+V being the padded vocabulary present in the logits (V = v_local * tp). Each TP rank holds a
+[..., v/tp] slice of the logits; the full [tokens, V] logits are never gathered.
+
+Collectives (counted by tests/parallel/test_tempnet_tp.py): two all-reduces per call, like
+megatron-core's fused vocab-parallel CE (its unfused one uses three):
+  1. all-reduce(max) of the packed row maxima [max z/tau, max z]                   [t, 2]
+  2. all-reduce(sum) of the packed row sums [sum e, sum e*(z/tau - m), z_y, sum exp(z - m1)]
+                                                                                   [t, 4]
+The backward needs no communication: dl/dz = p_tau - onehot(y) on each shard and
+dl/dtau = rho - KL(p_tau || u) = rho - log V + H(p_tau) per row, identical on all TP ranks.
+
+Layers (style.md practice 8): ``_VocabParallelDRO`` (autograd Function, torch ops),
+``dro_loss_per_token`` (the one dispatch point; issue 5's fused kernel plugs in there),
+``dro_loss`` (loss-mask weighted mean + logged stats, shared with the reference).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megatron_tempnet.tempnet.comm import MAX, SUM, all_reduce, group_rank_size
+from megatron_tempnet.tempnet.reference import compute_dtype, reduce_token_losses
+
+
+class _VocabParallelDRO(torch.autograd.Function):
+    """Per-token DRO loss on a vocab shard; returns (loss, ce, tempered_ce), each [t]."""
+
+    @staticmethod
+    def forward(ctx, logits, target, tau, rho, tp_group):
+        # logits [t, v/tp] (any float dtype), target [t] (global ids), tau [t] (same on all ranks)
+        rank, size = group_rank_size(tp_group)
+        v_local = logits.shape[-1]
+        log_vocab = math.log(v_local * size)
+        start = rank * v_local
+
+        z = logits.to(compute_dtype(logits.dtype))  # [t, v/tp] fp32 (fp64 stays fp64)
+        tau_dtype, tau = tau.dtype, tau.to(z.dtype)  # [t]
+        z_tau = z / tau.unsqueeze(-1)  # [t, v/tp]
+
+        # 1. row maxima of z/tau and z, one all-reduce(max)
+        maxima = torch.stack([z_tau.amax(dim=-1), z.amax(dim=-1)], dim=-1)  # [t, 2]
+        all_reduce(maxima, MAX, tp_group)
+        m_tau, m_one = maxima.unbind(-1)  # [t], [t]
+
+        # 2. local sums: target logit (owning rank only), plain and tempered softmax sums
+        owned = (target >= start) & (target < start + v_local)  # [t]
+        local_target = torch.where(owned, target - start, 0).long()  # [t]
+        z_y = z.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+        z_y = torch.where(owned, z_y, torch.zeros_like(z_y))  # [t]
+        sum_exp_one = (z - m_one.unsqueeze(-1)).exp_().sum(dim=-1)  # [t]  plain CE, tau = 1
+        del z  # from here on only z/tau is needed
+        z_tau.sub_(m_tau.unsqueeze(-1))  # shifted tempered logits          [t, v/tp]
+        exp_tau = torch.exp(z_tau)  # [t, v/tp]
+        sums = torch.stack([exp_tau.sum(dim=-1),  # S = sum e
+                            torch.linalg.vecdot(exp_tau, z_tau, dim=-1),  # A = sum e*(z/tau - m)
+                            z_y, sum_exp_one], dim=-1)  # [t, 4]
+        del z_tau
+        all_reduce(sums, SUM, tp_group)
+        sum_exp_tau, weighted, z_y, sum_exp_one = sums.unbind(-1)
+
+        # 3. per-row results (tempnet.md 1): log Z_tau = m + log S, H(p_tau) = log S - A / S
+        log_sum = torch.log(sum_exp_tau)
+        tempered_ce = m_tau + log_sum - z_y / tau
+        loss = tau * tempered_ce + (rho - log_vocab) * tau
+        ce = m_one + torch.log(sum_exp_one) - z_y
+        entropy = log_sum - weighted / sum_exp_tau
+        grad_tau = rho - log_vocab + entropy  # dl/dtau = rho - KL(p_tau || u)
+
+        ctx.logits_dtype, ctx.tau_dtype = logits.dtype, tau_dtype
+        if ctx.needs_input_grad[0]:  # p_tau is kept only when the LM is trained
+            probs = exp_tau.div_(sum_exp_tau.unsqueeze(-1))  # [t, v/tp] p_tau, in place
+            ctx.save_for_backward(probs, owned, local_target, grad_tau)
+        else:
+            ctx.save_for_backward(None, None, None, grad_tau)
+        ctx.mark_non_differentiable(ce, tempered_ce)
+        return loss, ce, tempered_ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_tempered):
+        probs, owned, local_target, grad_tau = ctx.saved_tensors
+        grad_logits = None
+        if ctx.needs_input_grad[0]:
+            # dl/dz = (p_tau - onehot(y)) * grad, in place in the saved p_tau (one backward only,
+            # as megatron-core's vocab-parallel CE)
+            rows = torch.arange(probs.shape[0], device=probs.device)
+            probs[rows, local_target] -= owned.to(probs.dtype)
+            grad_logits = probs.mul_(grad_loss.to(probs.dtype).unsqueeze(-1))
+            grad_logits = grad_logits.to(ctx.logits_dtype)
+        grad_of_tau = None
+        if ctx.needs_input_grad[2]:  # dl/dtau = rho - KL(p_tau || u), per row, same on all ranks
+            grad_of_tau = (grad_loss * grad_tau).to(ctx.tau_dtype)
+        return grad_logits, None, grad_of_tau, None, None
+
+
+def _check_shapes(logits, target, tau):
+    lead = tuple(logits.shape[:-1])
+    if tuple(target.shape) != lead or tuple(tau.shape) != lead:
+        raise ValueError(f"DRO loss: logits {tuple(logits.shape)} need target and tau of shape "
+                         f"{lead} (the logits' leading dims, e.g. [s, b] for [s, b, v/tp]); got "
+                         f"target {tuple(target.shape)} and tau {tuple(tau.shape)}")
+    if target.dtype.is_floating_point:
+        raise ValueError(f"DRO loss: target must hold integer token ids, got {target.dtype}")
+
+
+def dro_loss_per_token(logits_shard: torch.Tensor, target: torch.Tensor, tau: torch.Tensor,
+                       rho: float, tp_group=None):
+    """Per-token (loss, ce, tempered_ce), each [...]: the one dispatch point of the DRO loss.
+
+    logits_shard [..., v/tp] (this rank's vocabulary slice, rank r holding ids
+    [r*v/tp, (r+1)*v/tp)), target [...] global token ids (out of range, e.g. -100, reads z_y = 0:
+    only for masked tokens), tau [...] > 0 and identical on all TP ranks. ``loss`` is
+    differentiable in logits and tau; ce (plain, tau = 1) and tempered_ce are for logging.
+    tp_group None or of size 1: no communication.
+    """
+    _check_shapes(logits_shard, target, tau)
+    lead = target.shape
+    flat = logits_shard.reshape(-1, logits_shard.shape[-1])  # [t, v/tp]
+    loss, ce, tempered = _VocabParallelDRO.apply(flat, target.reshape(-1), tau.reshape(-1),
+                                                 float(rho), tp_group)
+    return loss.view(lead), ce.view(lead), tempered.view(lead)
+
+
+def dro_loss(logits_shard: torch.Tensor, target: torch.Tensor, tau: torch.Tensor,
+             loss_mask: torch.Tensor, rho: float, tp_group=None):
+    """Loss-mask weighted mean DRO loss and detached stats (tempnet.md sections 1 and 3).
+
+    Shapes: logits_shard [s, b, v/tp] (megatron's layout) or any [..., v/tp]; target, tau and
+    loss_mask [...] (e.g. [s, b]). Returns (loss_scalar, stats) with stats = {dro_loss, ce,
+    tempered_ce, tau_mean, tau_min, tau_max, num_tokens}: detached tensors, no host sync.
+    """
+    _check_shapes(logits_shard, target, tau)
+    if tuple(loss_mask.shape) != tuple(target.shape):
+        raise ValueError(f"DRO loss: loss_mask {tuple(loss_mask.shape)} must have the target's "
+                         f"shape {tuple(target.shape)}")
+    loss_tok, ce_tok, tempered_tok = dro_loss_per_token(logits_shard, target, tau, rho, tp_group)
+    return reduce_token_losses(loss_tok, ce_tok, tempered_tok, tau, loss_mask)
