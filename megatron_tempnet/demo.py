@@ -1,7 +1,8 @@
 """``make demo``: the main job end to end on a CPU, with nothing downloaded.
 
     demo corpus (stdlib docstrings) -> SentencePiece tokenizer -> .bin/.idx
-    -> tiny LLaMA trained at TP=2 under torchrun (2 processes, gloo), printing loss and tokens/s
+    -> tiny LLaMA + TempNet (DRO loss) trained at TP=2 under torchrun (2 processes, gloo),
+       printing loss, tau statistics and tokens/s
 
 Each step is the real command a user runs (printed before it runs); outputs go to demo_out/.
 Steps whose outputs exist are skipped, so a second ``make demo`` goes straight to training.
@@ -9,6 +10,7 @@ Steps whose outputs exist are skipped, so a second ``make demo`` goes straight t
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import subprocess
 import sys
@@ -27,6 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(REPO / "demo_out"))
     parser.add_argument("--train-iters", type=int, default=40)
     parser.add_argument("--vocab-size", type=int, default=2000)
+    # tempnet.md section 5: rho = log V - 2.83 as in the paper's GPT-2 run (V padded: 2048)
+    parser.add_argument("--rho", type=float, default=round(math.log(2048) - 2.83, 3))
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,7 +54,9 @@ def main(argv=None) -> int:
          "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(spm),
          "--split", "98,2,0", "--seq-length", "128", "--micro-batch-size", "4",
          "--global-batch-size", "16", "--train-iters", str(args.train_iters), "--lr", "3e-3",
-         "--min-lr", "3e-4", "--lr-warmup-iters", "4", "--log-interval", "5"])
+         "--min-lr", "3e-4", "--lr-warmup-iters", "4", "--log-interval", "5",
+         "--tempnet-loss-mode", "tempnet_dro", "--tempnet-rho", str(args.rho),
+         "--tempnet-lr", "1e-3"])
     return 0
 
 

@@ -10,7 +10,7 @@ import sys
 from megatron_tempnet.arguments import RunConfig, parse_args
 from megatron_tempnet.data.datasets import build_datasets, build_micro_batch_iterator
 from megatron_tempnet.data.tokenizers import load_tokenizer
-from megatron_tempnet.models.gpt import build_model
+from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
 from megatron_tempnet.parallel import initialize, shutdown
 from megatron_tempnet.training.ddp import wrap_ddp
 from megatron_tempnet.training.loop import train
@@ -31,13 +31,16 @@ def main(argv=None) -> int:
                                          ctx.dp_rank, ctx.dp_size,
                                          num_workers=run.data.num_workers)
 
-    model = build_model(run.model, ctx, params_dtype=precision_dtype(tr.precision))
+    model = build_tempnet_model(run.model, run.tempnet, ctx,
+                                params_dtype=precision_dtype(tr.precision), seed=tr.seed)
     if ctx.rank == 0:
         n = sum(p.numel() for p in model.parameters())
         print(f"model {run.model.family}: {n:,} parameters on this stage "
-              f"(TP={ctx.tp_size} PP={ctx.pp_size} DP={ctx.dp_size})", flush=True)
+              f"(TP={ctx.tp_size} PP={ctx.pp_size} DP={ctx.dp_size}), loss "
+              f"{run.tempnet.loss_mode}, mode {run.tempnet.training_mode}", flush=True)
     chunks = [wrap_ddp(model, use_distributed_optimizer=par.use_distributed_optimizer)]
-    optimizer = build_optimizer(chunks, tr, use_distributed_optimizer=par.use_distributed_optimizer)
+    optimizer = build_optimizer(chunks, tr, use_distributed_optimizer=par.use_distributed_optimizer,
+                                tempnet_cfg=run.tempnet)
     scheduler = build_scheduler(optimizer, tr)
     train(chunks, optimizer, scheduler, batches, tr, ctx,
           log=lambda line: print(line, flush=True))

@@ -12,6 +12,8 @@ from the start of its pipeline stage) and holds a slice of each tensor-parallel 
 | linear_fc1 (weight, bias)               | rows; with SwiGLU each of [gate; up] separately |
 | linear_proj, linear_fc2 (weight)        | columns       |
 | norms, row-parallel biases, positions   | replicated    |
+| tempnet.w1 (TempNet head, last stage)   | columns (vocab, like the output layer's rows)   |
+| tempnet.* other (b1, w2, b2, pool_*)    | replicated    |
 
 Used by tests (load one set of weights at any layout) and by checkpoint conversion.
 """
@@ -33,6 +35,8 @@ def tp_split_dim(key: str) -> int | None:
     if re.search(r"(linear_qkv|linear_fc1)\.(weight|bias)$", key):
         return 0
     if re.search(r"(linear_proj|linear_fc2)\.weight$", key):
+        return 1
+    if key.endswith("tempnet.w1"):  # TempNet's W1 [M, V/tp]: vocab columns (tempnet.md 3)
         return 1
     return None
 
@@ -56,7 +60,7 @@ def _owned_by_stage(key: str, cfg: ModelConfig, pp_rank: int, pp_size: int) -> s
         return f"decoder.layers.{idx - layers.start}.{m.group(2)}" if idx in layers else None
     if key.startswith("embedding."):
         return key if first else None
-    if key.startswith(("decoder.final_layernorm", "output_layer.")):
+    if key.startswith(("decoder.final_layernorm", "output_layer.", "tempnet.")):
         return key if last else None
     return key
 

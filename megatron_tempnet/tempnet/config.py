@@ -2,7 +2,8 @@
 
 tempnet.md sections 1 and 2; style.md practice 7 (one name, one home). This dataclass travels
 through the head (``TempNetHead``), the loss (``dro_loss`` takes ``config.rho``), checkpoints and
-exported configs. ``loss_mode`` is deliberately not here yet (issue 9 adds it).
+exported configs. ``loss_mode`` chooses the loss (issue 9 adds more modes to the same field) and
+``training_mode`` which parameters train (tempnet.md section 2, the paper's three modes).
 """
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ from megatron_tempnet.config import ConfigError
 
 INPUT_CONVENTIONS = ("raw", "max_shifted")
 LR_SCHEDULES = ("constant", "lm")
+# "ce": plain megatron GPTModel, vocab-parallel CE (TempNet off); "dro_fixed_tau": the DRO loss
+# with a constant tau (ablation, no TempNet); "tempnet_dro": TempNet's tau + the DRO loss.
+LOSS_MODES = ("ce", "dro_fixed_tau", "tempnet_dro")
+# "scratch": LM + TempNet from random init; "finetune": a pretrained LM (loaded from a
+# checkpoint) + TempNet, both trained; "frozen_lm": only TempNet trains (LM requires_grad=False).
+TRAINING_MODES = ("scratch", "finetune", "frozen_lm")
 
 
 @dataclass
@@ -35,6 +42,12 @@ class TempNetConfig:
                   scratch; 1e-4 to 2e-4 with the LM frozen).
     lr_schedule:  "constant" (default, as upstream): TempNet's group keeps ``lr``;
                   "lm": it follows the LM's scheduler, scaled so that its peak is ``lr``.
+    loss_mode:    "ce" (default: plain GPTModel, TempNet off), "dro_fixed_tau" (DRO loss with
+                  tau = ``fixed_tau``, no TempNet: the paper's "DRO without TempNet" ablation),
+                  "tempnet_dro" (TempNet predicts tau per token, DRO loss).
+    fixed_tau:    the constant tau of "dro_fixed_tau" (tau = 1 gives CE + rho - log V).
+    training_mode: "scratch" | "finetune" | "frozen_lm" (tempnet.md 2: the three modes).
+                  frozen_lm trains TempNet only, so it needs loss_mode "tempnet_dro".
     """
 
     rho: float = 8.0
@@ -46,6 +59,9 @@ class TempNetConfig:
     lr: float = 2e-6
     weight_decay: float = 0.0
     lr_schedule: str = "constant"
+    loss_mode: str = "ce"
+    fixed_tau: float = 1.0
+    training_mode: str = "scratch"
 
     def validate(self) -> "TempNetConfig":
         """Raise ConfigError naming the field (and its flag), the value and the fix."""
@@ -53,7 +69,7 @@ class TempNetConfig:
             flag = "--tempnet-" + field.replace("_", "-")
             return ConfigError(f"TempNetConfig.{field} ({flag}) = {getattr(self, field)!r}: {why}")
 
-        for field in ("rho", "tau_min", "tau_max", "dropout", "lr", "weight_decay"):
+        for field in ("rho", "tau_min", "tau_max", "dropout", "lr", "weight_decay", "fixed_tau"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value):
@@ -79,4 +95,19 @@ class TempNetConfig:
             raise bad("weight_decay", "must be >= 0")
         if self.lr_schedule not in LR_SCHEDULES:
             raise bad("lr_schedule", f"choose one of {LR_SCHEDULES}")
+        if self.loss_mode not in LOSS_MODES:
+            raise bad("loss_mode", f"choose one of {LOSS_MODES}")
+        if self.fixed_tau <= 0:
+            raise bad("fixed_tau", "must be > 0 (tau divides the logits)")
+        if self.training_mode not in TRAINING_MODES:
+            raise bad("training_mode", f"choose one of {TRAINING_MODES}")
+        if self.training_mode == "frozen_lm" and self.loss_mode != "tempnet_dro":
+            raise bad("training_mode", "frozen_lm trains TempNet only: it needs "
+                                       "--tempnet-loss-mode tempnet_dro "
+                                       f"(got {self.loss_mode!r}, which has nothing to train)")
         return self
+
+    @property
+    def uses_tempnet(self) -> bool:
+        """Whether the model carries a TempNet head (loss_mode "tempnet_dro")."""
+        return self.loss_mode == "tempnet_dro"

@@ -12,27 +12,33 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from megatron_tempnet.config import TrainConfig
 from megatron_tempnet.parallel.runtime import ParallelContext
-from megatron_tempnet.training.step import forward_backward, reduce_reports
+from megatron_tempnet.training.step import forward_backward, global_metrics
 
 
 @dataclass
 class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
-    history: list = field(default_factory=list)  # (iteration, loss) as logged
+    history: list = field(default_factory=list)  # (iteration, lm loss) as logged
+    metrics: list = field(default_factory=list)  # (iteration, {name: value}) as logged
 
 
 def global_mean_loss(reports: list, ctx: ParallelContext) -> torch.Tensor | None:
-    """Token-weighted mean loss over the global batch (on the last stage; None elsewhere)."""
-    if not ctx.is_last_stage:
-        return None
-    totals = reduce_reports(reports)
-    dist.all_reduce(totals, group=ctx.dp_group)
-    return totals[0] / totals[1].clamp(min=1)
+    """Token-weighted mean plain CE over the global batch (last stage; None elsewhere)."""
+    return global_metrics(reports, ctx.dp_group)["lm loss"] if ctx.is_last_stage else None
+
+
+def format_metrics(m: dict) -> str:
+    """"lm loss" (plain CE, tau = 1) and its perplexity; with the DRO loss also the DRO loss,
+    the tempered CE (perplexity at the model's own tau) and tau mean/min/max (tempnet.md 1)."""
+    line = f"lm loss {m['lm loss']:.4f} | ppl {math.exp(min(m['lm loss'], 30)):.2f}"
+    if "dro loss" in m:
+        line += (f" | dro loss {m['dro loss']:.4f} | tempered ce {m['tempered ce']:.4f} | "
+                 f"tau {m['tau']:.3f} [{m['tau min']:.3f}, {m['tau max']:.3f}]")
+    return line
 
 
 def train(model_chunks: list, optimizer, scheduler, batches, train_cfg: TrainConfig,
@@ -55,16 +61,16 @@ def train(model_chunks: list, optimizer, scheduler, batches, train_cfg: TrainCon
         state.consumed_samples += train_cfg.global_batch_size
         window_iters += 1
 
-        loss = global_mean_loss(reports, ctx)
         if state.iteration % train_cfg.log_interval == 0 or state.iteration == train_cfg.train_iters:
             elapsed = time.perf_counter() - window_start
-            if loss is not None and ctx.tp_rank == 0 and ctx.dp_rank == 0:
-                value = loss.item()
-                state.history.append((state.iteration, value))
+            if ctx.is_last_stage:
+                metrics = {k: v.item() for k, v in global_metrics(reports, ctx.dp_group).items()}
+                state.history.append((state.iteration, metrics["lm loss"]))
+                state.metrics.append((state.iteration, metrics))
+            if ctx.is_last_stage and ctx.tp_rank == 0 and ctx.dp_rank == 0:
                 log(f"iteration {state.iteration:6d}/{train_cfg.train_iters} | "
                     f"lr {scheduler.get_lr(optimizer.param_groups[0]):.3e} | "
-                    f"lm loss {value:.4f} | ppl {math.exp(min(value, 30)):.2f} | "
-                    f"grad norm {grad_norm or 0.0:.3f} | "
+                    f"{format_metrics(metrics)} | grad norm {grad_norm or 0.0:.3f} | "
                     f"tokens/s {tokens_per_iter * window_iters / elapsed:,.0f} | "
                     f"{1000 * elapsed / window_iters:.1f} ms/iter"
                     + ("" if update_ok else " | skipped (loss scale)"))

@@ -1,12 +1,33 @@
-"""megatron-core optimizer (Adam, optionally distributed) and its learning-rate scheduler."""
+"""megatron-core optimizer (Adam, optionally distributed) and its learning-rate scheduler.
+
+TempNet's parameters (marked ``is_tempnet_parameter`` by ``models.tempnet_gpt``) form their own
+parameter group through megatron-core's ``config_overrides`` (keyed by ``ParamKey``), with
+TempNetConfig's lr and weight decay (tempnet.md 2):
+- lr_schedule "constant" (default, as upstream): the group carries ``constant_lr``, which
+  :class:`Scheduler` returns for it at every step, warmup included (megatron-core's scheduler
+  alone would ramp every group from its ``init_lr`` during warmup);
+- lr_schedule "lm": the group follows the LM's warmup/decay with ``max_lr`` = TempNetConfig.lr and
+  ``min_lr`` scaled by the LM's min_lr / lr (fields megatron-core's scheduler reads per group).
+Its weight decay applies to all TempNet parameters (start_wd = end_wd = TempNetConfig.weight_decay,
+wd_mult 1); LM parameters keep megatron's rule (no decay on biases and 1-D parameters).
+Frozen parameters (requires_grad False, training_mode "frozen_lm") are in no group: no state.
+megatron-core matches saved and live groups by (wd_mult, lr_mult, is_expert_parallel,
+is_decoupled_lr) on checkpoint load; TempNet's group sets ``is_decoupled_lr`` (its lr is decoupled
+from the LM's; nothing else reads that field in 0.16.x) so that it never collides with an LM group.
+"""
 from __future__ import annotations
 
 import torch
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_tempnet.config import TrainConfig
+from megatron_tempnet.models.tempnet_gpt import TEMPNET_PARAM_ATTR
 
 
-def build_optimizer(model_chunks: list, train: TrainConfig, *, use_distributed_optimizer: bool):
+def build_optimizer(model_chunks: list, train: TrainConfig, *, use_distributed_optimizer: bool,
+                    tempnet_cfg=None):
+    """megatron-core optimizer over the trainable parameters; ``tempnet_cfg`` (a TempNetConfig)
+    gives TempNet's parameters their own group (ignored when the model has none)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = OptimizerConfig(
@@ -16,13 +37,43 @@ def build_optimizer(model_chunks: list, train: TrainConfig, *, use_distributed_o
         fp16=train.precision == "fp16", params_dtype=precision_dtype(train.precision),
         use_distributed_optimizer=use_distributed_optimizer,
         loss_scale=None, initial_loss_scale=2.0**16)
-    return get_megatron_optimizer(config, model_chunks)
+    overrides = None if tempnet_cfg is None else param_group_overrides(train, tempnet_cfg)
+    return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
+
+
+def param_group_overrides(train: TrainConfig, tempnet_cfg) -> dict:
+    """megatron-core config_overrides: the LM's no-decay rule and TempNet's own group."""
+    from megatron.core.optimizer import ParamKey, ParamWithNamePredicate
+
+    def is_tempnet(param) -> bool:
+        return getattr(param, TEMPNET_PARAM_ATTR, False)
+
+    # megatron's classic rule (no weight decay on biases and 1-D parameters), LM only
+    lm_no_decay = ParamWithNamePredicate(
+        name="lm_bias_or_1d", fn=lambda p, name: (p.dim() == 1 or name.endswith(".bias"))
+        and not is_tempnet(p))
+    t = tempnet_cfg
+    tempnet_group = {"start_wd": t.weight_decay, "end_wd": t.weight_decay, "wd_mult": 1.0,
+                     "max_lr": t.lr, "is_decoupled_lr": True}
+    if t.lr_schedule == "constant":
+        tempnet_group.update(min_lr=t.lr, constant_lr=t.lr)
+    else:  # "lm": the LM's schedule scaled so that its peak is TempNet's lr
+        tempnet_group.update(min_lr=t.lr * train.min_lr / train.lr if train.lr else 0.0)
+    return {ParamKey(with_name_predicate=lm_no_decay): {"wd_mult": 0.0},
+            ParamKey(attr=TEMPNET_PARAM_ATTR): tempnet_group}
+
+
+class Scheduler(OptimizerParamScheduler):
+    """megatron-core's OptimizerParamScheduler; a param group with ``constant_lr`` keeps it."""
+
+    def get_lr(self, param_group: dict) -> float:
+        if param_group.get("constant_lr") is not None:
+            return param_group["constant_lr"]
+        return super().get_lr(param_group)
 
 
 def build_scheduler(optimizer, train: TrainConfig):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    return OptimizerParamScheduler(
+    return Scheduler(
         optimizer, init_lr=0.0 if train.lr_warmup_iters else train.lr, max_lr=train.lr,
         min_lr=train.min_lr, lr_warmup_steps=train.lr_warmup_iters,
         lr_decay_steps=train.lr_decay_iters or train.train_iters,

@@ -7,21 +7,49 @@ each micro-batch returns its loss *sum* and token count, and megatron-core's
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
+import torch.distributed as dist
 
 
-def masked_sum_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """megatron-core loss_func contract: (loss sum, token count, values to report)."""
-    mask = loss_mask.reshape(-1).float()
-    total = (per_token_loss.reshape(-1).float() * mask).sum()
-    num_tokens = mask.sum().to(torch.int)
-    return total, num_tokens, {"lm loss": torch.stack([total.detach(), mask.sum()])}
+# Reports of one micro-batch (last stage): name -> [sum, token count], except the masked
+# extremes, name -> [value] reduced with min / max (over micro-batches and data-parallel ranks).
+# "lm loss" is always the plain CE (tau = 1), so that it stays comparable across loss modes.
+REPORT_EXTREMES = {"tau min": "min", "tau max": "max"}
+
+
+def masked_sum_loss(loss_mask: torch.Tensor, output: torch.Tensor):
+    """megatron-core loss_func contract: (loss sum, token count, values to report).
+
+    ``output`` is the model's per-token output: [b, s] (plain GPTModel: CE) or [b, s, K] with
+    the channels of ``models.tempnet_gpt.LOSS_CHANNELS`` (loss, ce, tempered_ce, tau; only
+    channel 0 carries gradient). loss_mask [b, s]: a 0 drops the token from every sum.
+    """
+    mask = loss_mask.reshape(-1).float()  # [t]
+    per_token = output.reshape(mask.numel(), -1).float()  # [t, K]
+    keep = (mask != 0).unsqueeze(-1)
+    weighted = torch.where(keep, per_token * mask.unsqueeze(-1), torch.zeros_like(per_token))
+    sums = weighted.sum(0)  # [K]; sums[0] differentiable
+    count = mask.sum()
+    num_tokens = count.to(torch.int)
+
+    def pair(value):
+        return torch.stack([value.detach(), count])
+
+    if per_token.shape[1] == 1:  # plain CE: the loss is the CE
+        return sums[0], num_tokens, {"lm loss": pair(sums[0])}
+    tau, kept = per_token[:, 3].detach(), keep[:, 0]  # masked min / max of tau, [1] each
+    reports = {"lm loss": pair(sums[1]), "dro loss": pair(sums[0]),
+               "tempered ce": pair(sums[2]), "tau": pair(sums[3]),
+               "tau min": torch.where(kept, tau, torch.full_like(tau, math.inf)).amin(0, True),
+               "tau max": torch.where(kept, tau, torch.full_like(tau, -math.inf)).amax(0, True)}
+    return sums[0], num_tokens, reports
 
 
 def forward_step(data_iterator, model):
-    """megatron-core forward_step_func: the model returns per-token losses [b, s]."""
+    """megatron-core forward_step_func: the model returns per-token losses [b, s] or [b, s, K]."""
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(masked_sum_loss, batch["loss_mask"])
@@ -40,5 +68,25 @@ def forward_backward(model_chunks: list, data_iterator, *, num_microbatches: int
 
 
 def reduce_reports(reports: list, key: str = "lm loss") -> torch.Tensor:
-    """[sum, count] summed over micro-batches (of this data-parallel rank)."""
-    return torch.stack([r[key] for r in reports]).sum(0) if reports else torch.zeros(2)
+    """One report summed over micro-batches (of this data-parallel rank): [sum, count], or
+    [min] / [max] for the keys of ``REPORT_EXTREMES``."""
+    if not reports:
+        return torch.zeros(2)
+    stacked = torch.stack([r[key] for r in reports])
+    op = REPORT_EXTREMES.get(key)
+    return stacked.amin(0) if op == "min" else stacked.amax(0) if op == "max" else stacked.sum(0)
+
+
+def global_metrics(reports: list, dp_group) -> dict:
+    """Token-weighted means (and tau min/max) over the global batch, from the last stage's
+    micro-batch reports; reduced over ``dp_group`` (None: this process only)."""
+    metrics = {}
+    for key in reports[0] if reports else ["lm loss"]:
+        value = reduce_reports(reports, key)
+        op = REPORT_EXTREMES.get(key)
+        if dp_group is not None:
+            dist.all_reduce(value, op=dist.ReduceOp.MIN if op == "min" else
+                            dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
+                            group=dp_group)
+        metrics[key] = value[0] if op else value[0] / value[1].clamp(min=1)
+    return metrics

@@ -1,5 +1,4 @@
 """megatron-core GPTDataset/BlendedDataset building and the resumable micro-batch iterator."""
-import multiprocessing
 import os
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from megatron_tempnet.data.config import DataConfig
 from megatron_tempnet.data.datasets import (build_datasets, build_micro_batch_iterator,
                                             num_samples, parse_data_path)
 from megatron_tempnet.data.indexed import CorruptDatasetError, IndexedDatasetWriter
+from torchrun import run_torchrun
 from test_data_common import (corpus_docs, corpus_file, data_dir, sp_dataset,  # noqa: F401
                               tokenizer_configs, tokenizers)
 
@@ -151,31 +151,15 @@ def test_missing_or_corrupt_prefix(tmp_path, sp_dataset, tokenizers):
         build(data_config(tmp_path, [prefix]), tok)
 
 
-def _distributed_build(rank, world, store_path, cfg, tokenizer, results):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store_path}",
-                                         rank=rank, world_size=world)
-    try:
-        train, valid, _ = build(cfg, tokenizer)
-        it = iterator(train, dp_rank=rank, dp_size=world)
-        results.put((rank, len(train), len(valid), next(it)["tokens"].tolist()))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def test_build_under_torch_distributed(tmp_path, two_datasets, tokenizers):
-    """Two gloo ranks (forked): rank 0 builds the index caches, rank 1 loads them."""
+    """Two gloo ranks under torchrun: rank 0 builds the index caches, rank 1 loads them."""
     cfg = data_config(tmp_path, ["0.5", two_datasets[0], "0.5", two_datasets[1]])
     tok = tokenizers["sentencepiece"]
-    ctx = multiprocessing.get_context("fork")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_distributed_build,
-                         args=(r, 2, tmp_path / "store", cfg, tok, results)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    got = dict((r, rest) for r, *rest in (results.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    torch.save({"cfg": cfg, "tokenizer": ("sentencepiece", tok.path), "seq_length": 32,
+                "seed": 7, "samples": num_samples(40, GBS, 2, 20), "mbs": MBS, "gbs": GBS},
+               tmp_path / "case.pt")
+    ranks = run_torchrun("data_build_worker.py", tmp_path, str(tmp_path / "case.pt"))
+    got = {r["rank"]: [r["train"], r["valid"], r["tokens"]] for r in ranks}
 
     train, valid, _ = build(cfg, tok)  # single process, from the same cache
     reference = [next(iterator(train, r, 2))["tokens"].tolist() for r in (0, 1)]

@@ -10,7 +10,7 @@ def test_defaults_are_the_papers_gpt2_run():
     assert (cfg.rho, cfg.tau_min, cfg.tau_max, cfg.hidden_size, cfg.dropout) == \
         (8.0, 0.5, 5.0, 256, 0.5)
     assert cfg.input_convention == "raw" and cfg.lr_schedule == "constant"
-    assert not hasattr(cfg, "loss_mode")  # issue 9 adds it
+    assert cfg.loss_mode == "ce" and cfg.training_mode == "scratch"  # TempNet off by default
 
 
 @pytest.mark.parametrize("field,value", [

@@ -1,0 +1,120 @@
+"""GPT/LLaMA with TempNet and the DRO loss: a megatron-core ``GPTModel`` subclass (tempnet.md 1-3).
+
+The one seam overridden is ``compute_language_model_loss(labels, logits)``, which megatron-core's
+``GPTModel._postprocess`` calls on the last pipeline stage with this rank's vocab-parallel
+logits shard [s, b, v/tp]. Everything before it (embedding, decoder, PP, output layer) is
+megatron-core's own code. On the last stage, per token:
+
+    1. tau = TempNet(stopgrad(logits))                  (loss_mode "tempnet_dro"; the head runs
+       here, outside megatron's RNG-tracker fork, so its dropout draws the same mask on all TP
+       ranks) or tau = fixed_tau                        (loss_mode "dro_fixed_tau")
+    2. (loss, ce, tempered_ce) = vocab-parallel DRO loss (logits, labels, tau, rho, tp_group)
+    3. return [b, s, K] with the channels of ``LOSS_CHANNELS``: channel 0 is the differentiable
+       DRO loss, the others are detached per-token values for reporting (plain CE at tau = 1,
+       tempered CE, tau). ``training.step.masked_sum_loss`` reduces them with the loss mask.
+
+loss_mode "ce" is the plain megatron-core ``GPTModel`` (its forward returns CE [b, s], which the
+same loss function reads as a one-channel output): :func:`build_tempnet_model` returns one.
+
+Training modes (tempnet.md 2) are applied from outside the model by :func:`apply_training_mode`:
+"frozen_lm" sets ``requires_grad=False`` on every LM parameter, so megatron-core DDP gives them no
+gradient buffer and the optimizer no state; the frozen LM still runs forward (with no autograd
+graph when nothing upstream trains: the DRO loss then keeps no [tokens, V/tp] probabilities).
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+
+from megatron_tempnet.config import ConfigError, ModelConfig
+from megatron_tempnet.models.gpt import build_model
+from megatron_tempnet.parallel.runtime import ParallelContext
+from megatron_tempnet.tempnet import TempNetConfig, TempNetHead, dro_loss_per_token
+from megatron_tempnet.tempnet.comm import group_rank_size
+
+# The per-token channels a TempNet/DRO model returns with labels: [b, s, len(LOSS_CHANNELS)].
+LOSS_CHANNELS = ("loss", "ce", "tempered_ce", "tau")
+# Marks TempNet's parameters; the optimizer puts them in their own group (training/optim.py).
+TEMPNET_PARAM_ATTR = "is_tempnet_parameter"
+
+
+class TempNetGPTModel(GPTModel):
+    """``GPTModel`` whose loss is the DRO loss with TempNet's (or a fixed) tau per token.
+
+    Extra constructor arguments: ``tempnet_config`` (loss_mode "tempnet_dro" or
+    "dro_fixed_tau") and ``tempnet_seed`` (TempNet's initial weights are drawn from it, the same
+    full W1 on every TP rank, each keeping its columns). The head, ``self.tempnet``, exists on the
+    last pipeline stage only and only with loss_mode "tempnet_dro"; its W1 is sharded by vocabulary
+    columns like the output layer (``models.sharding.tp_split_dim``), and megatron-core's
+    ``sharded_state_dict`` recursion reaches ``TempNetHead.sharded_state_dict`` (so checkpoints
+    hold it).
+    """
+
+    def __init__(self, *args, tempnet_config: TempNetConfig, tempnet_seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tempnet_config = tempnet_config.validate()
+        if tempnet_config.loss_mode not in ("tempnet_dro", "dro_fixed_tau"):
+            raise ConfigError(f"TempNetGPTModel needs --tempnet-loss-mode tempnet_dro or "
+                              f"dro_fixed_tau, got {tempnet_config.loss_mode!r} (for 'ce' build "
+                              "the plain GPTModel: build_tempnet_model does)")
+        self.tempnet = None
+        if self.post_process and tempnet_config.uses_tempnet:
+            tp_rank, tp_size = group_rank_size(self.tp_group)
+            self.tempnet = TempNetHead(tempnet_config, self.vocab_size, tp_rank=tp_rank,
+                                       tp_size=tp_size, seed=tempnet_seed,
+                                       dtype=self.config.params_dtype)
+            for param in self.tempnet.parameters():
+                setattr(param, TEMPNET_PARAM_ATTR, True)
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
+        """Per-token DRO loss and report channels [b, s, K] from labels [b, s] and the logits
+        shard [s, b, v/tp] (see the module docstring for the steps)."""
+        cfg = self.tempnet_config
+        target = labels.transpose(0, 1)  # [s, b]
+        if self.tempnet is not None:  # 1. tau [s, b] from the detached logits (tempnet.md 2)
+            tau = self.tempnet(logits, self.tp_group)
+        else:
+            tau = torch.full(target.shape, cfg.fixed_tau, dtype=torch.float32,
+                             device=logits.device)
+        # 2. vocab-parallel DRO loss (tempnet.md 1 and 3), each [s, b]
+        loss, ce, tempered_ce = dro_loss_per_token(logits, target, tau, cfg.rho, self.tp_group)
+        # 3. [s, b, K] -> [b, s, K]; only channel 0 carries gradient
+        out = torch.stack([loss, ce, tempered_ce, tau.detach().to(loss.dtype)], dim=-1)
+        return out.transpose(0, 1).contiguous()
+
+
+def apply_training_mode(model: torch.nn.Module, tempnet_cfg: TempNetConfig) -> torch.nn.Module:
+    """Set requires_grad for the training mode (before DDP wrapping and the optimizer).
+
+    scratch / finetune: everything trains (finetune differs in the weights loaded, not here).
+    frozen_lm: only TempNet's parameters train; stages without TempNet (PP > 1) train nothing.
+    """
+    frozen = tempnet_cfg.training_mode == "frozen_lm"
+    for param in model.parameters():
+        param.requires_grad_(not frozen or getattr(param, TEMPNET_PARAM_ATTR, False))
+    return model
+
+
+def build_tempnet_model(model_cfg: ModelConfig, tempnet_cfg: TempNetConfig,
+                        parallel: ParallelContext, *, params_dtype: torch.dtype = torch.float32,
+                        seed: int = 0, use_transformer_engine=None):
+    """This rank's stage for ``tempnet_cfg.loss_mode``, with its training mode applied.
+
+    "ce": megatron-core's plain GPTModel (vocab-parallel CE); "dro_fixed_tau" / "tempnet_dro":
+    :class:`TempNetGPTModel` (TempNet's initial weights drawn from ``seed``).
+    """
+    tempnet_cfg.validate()
+    if parallel.pp_size > 1 and tempnet_cfg.training_mode == "frozen_lm":
+        # earlier stages would hold no trainable parameter and receive no gradient to send back
+        raise ConfigError("--tempnet-training-mode frozen_lm needs "
+                          "--pipeline-model-parallel-size 1 (only the last stage has TempNet); "
+                          "use tensor or data parallelism instead")
+    if tempnet_cfg.loss_mode == "ce":
+        model = build_model(model_cfg, parallel, params_dtype=params_dtype,
+                            use_transformer_engine=use_transformer_engine)
+    else:
+        model = build_model(model_cfg, parallel, params_dtype=params_dtype,
+                            use_transformer_engine=use_transformer_engine,
+                            model_cls=TempNetGPTModel, tempnet_config=tempnet_cfg,
+                            tempnet_seed=seed)
+    return apply_training_mode(model, tempnet_cfg)
