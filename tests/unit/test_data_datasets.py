@@ -10,8 +10,6 @@ from megatron_tempnet.data.datasets import (build_datasets, build_micro_batch_it
                                             num_samples, parse_data_path)
 from megatron_tempnet.data.indexed import CorruptDatasetError, IndexedDatasetWriter
 from torchrun import run_torchrun
-from test_data_common import (corpus_docs, corpus_file, data_dir, sp_dataset,  # noqa: F401
-                              tokenizer_configs, tokenizers)
 
 
 @pytest.fixture(scope="session")

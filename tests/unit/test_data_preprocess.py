@@ -14,9 +14,7 @@ from megatron_tempnet.data.indexed import (CorruptDatasetError, IndexedDatasetWr
                                            check_indexed_dataset, merge_datasets)
 from megatron_tempnet.data.jsonl import InputError
 from megatron_tempnet.data.preprocess import PreprocessConfig, PreprocessError, preprocess
-from test_data_common import (TOKENIZER_KINDS, UNICODE_DOCS, corpus_docs,  # noqa: F401
-                              corpus_file, data_dir, sp_dataset, tokenizer_configs, tokenizers,
-                              write_jsonl)
+from data_helpers import TOKENIZER_KINDS, UNICODE_DOCS, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 

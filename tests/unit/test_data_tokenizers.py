@@ -1,9 +1,8 @@
 import pytest
 
+from data_helpers import TOKENIZER_KINDS, UNICODE_DOCS
 from megatron_tempnet.data.tokenizers import (NO_PAD_ID, TokenizerConfig, TokenizerError,
                                               build_tokenizer, load_tokenizer, token_dtype)
-from test_data_common import (TOKENIZER_KINDS, UNICODE_DOCS, corpus_docs,  # noqa: F401
-                              corpus_file, data_dir, tokenizer_configs, tokenizers)
 
 
 @pytest.mark.parametrize("kind", TOKENIZER_KINDS)

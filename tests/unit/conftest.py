@@ -1,33 +1,16 @@
-"""Shared fixtures of the data tests: a small corpus and two tiny tokenizers trained on it
-(SentencePiece BPE with byte fallback, byte-level BPE), once per session. Other test_data_*
-files import the fixtures from here."""
+"""Session fixtures of the data tests: a small corpus and two tiny tokenizers trained on it
+(SentencePiece BPE with byte fallback, byte-level BPE), once per session."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
+from data_helpers import UNICODE_DOCS, write_jsonl
 from megatron_tempnet.data.demo_corpus import iter_demo_documents
 from megatron_tempnet.data.preprocess import PreprocessConfig, preprocess
 from megatron_tempnet.data.tokenizer_training import TokenizerTrainingConfig, train_tokenizer
 from megatron_tempnet.data.tokenizers import TokenizerConfig, build_tokenizer
-
-UNICODE_DOCS = [
-    "Grüße aus Köln — naïve café, 日本語のテキスト, emoji 🙂🚀, Ελληνικά, עברית.",
-    "  leading spaces, trailing spaces  ",
-    "tabs\tand\nnew\nlines\n\nand a blank line",
-    "x",
-]
-TOKENIZER_KINDS = ("sentencepiece", "huggingface")
-
-
-def write_jsonl(path: Path, docs, key: str = "text") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for doc in docs:
-            f.write(json.dumps({key: doc}, ensure_ascii=False) + "\n")
-    return path
 
 
 @pytest.fixture(scope="session")
