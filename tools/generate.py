@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Generate text from an exported Hugging Face model directory (tools/convert_checkpoint_to_hf.py).
+
+    python tools/generate.py --model-dir hf_out --prompt "def fib(n):" --max-new-tokens 40
+    ... --temperature-mode tempnet      # TempNet's per-step tau (default when the model has one)
+    ... --temperature-mode fixed --temperature 0.8
+    ... --temperature-mode anneal --temperature 1.5 --final-temperature 0.5
+    ... --greedy                        # argmax (identical with or without TempNet)
+    ... --show-tau                      # print each generated token with its tau
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import megatron_tempnet.hf.modeling  # noqa: E402,F401  (registers the TempNet Auto classes)
+from megatron_tempnet.data.tokenizers import load_tokenizer  # noqa: E402
+
+
+def find_tokenizer(model_dir: Path, override: str | None):
+    if override:
+        path = Path(override)
+    else:
+        path = next((model_dir / n for n in ("tokenizer.model", "tokenizer.json")
+                     if (model_dir / n).exists()), None)
+        if path is None:
+            raise SystemExit(f"error: no tokenizer.model or tokenizer.json in {model_dir}; "
+                             "pass --tokenizer")
+    kind = "huggingface" if path.suffix == ".json" else "sentencepiece"
+    return load_tokenizer(kind, str(path))
+
+
+class AnnealedTemperature:
+    """LogitsProcessor dividing step t's scores by a temperature moving linearly start -> end."""
+
+    def __init__(self, start: float, end: float, steps: int, prompt_len: int):
+        self.start, self.end, self.steps, self.prompt_len = start, end, max(steps - 1, 1), prompt_len
+
+    def __call__(self, input_ids, scores):
+        t = min(input_ids.shape[1] - self.prompt_len, self.steps) / self.steps
+        return scores / (self.start + (self.end - self.start) * t)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--tokenizer", help="default: the tokenizer file in --model-dir")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature-mode", choices=("tempnet", "fixed", "anneal"))
+    p.add_argument("--temperature", type=float, default=1.0, help="fixed, or the annealing start")
+    p.add_argument("--final-temperature", type=float, default=0.5, help="annealing end")
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--show-tau", action="store_true")
+    args = p.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
+
+    model_dir = Path(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    has_tempnet = hasattr(model, "use_tempnet")
+    mode = args.temperature_mode or ("tempnet" if has_tempnet else "fixed")
+    if mode == "tempnet" and not has_tempnet:
+        raise SystemExit(f"error: {model_dir} has no TempNet weights; use --temperature-mode "
+                         "fixed or anneal")
+    if has_tempnet:
+        model.use_tempnet = mode == "tempnet"
+    tok = find_tokenizer(model_dir, args.tokenizer)
+    ids = torch.tensor([tok.tokenize(args.prompt)])
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, top_k=0,
+                  top_p=1.0, output_scores=False, return_dict_in_generate=True,
+                  pad_token_id=tok.eod)
+    if mode == "fixed" and not args.greedy:
+        kwargs["temperature"] = args.temperature
+    if mode == "anneal" and not args.greedy:
+        kwargs["logits_processor"] = LogitsProcessorList([AnnealedTemperature(
+            args.temperature, args.final_temperature, args.max_new_tokens, ids.shape[1])])
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        out = model.generate(ids, **kwargs).sequences
+    new = out[0, ids.shape[1]:].tolist()
+    print(args.prompt + tok.detokenize(new))
+    if args.show_tau and has_tempnet:
+        with torch.no_grad():
+            tau = model(out[:, :-1], return_tau=True).tau[0, ids.shape[1] - 1:]
+        for token, t in zip(new, tau.tolist()):
+            print(f"{tok.detokenize([token])!r:>20}  tau {t:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
