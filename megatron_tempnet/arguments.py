@@ -4,7 +4,8 @@ Configuration flows one way (style.md practice 5):
     --model preset (configs/models/<name>.yaml) -> --config run.yaml -> command-line flags.
 
 A run YAML has one mapping per section (``model:``, ``parallel:``, ``train:``, ``data:``,
-``tempnet:``) whose keys are field names. Flags are ``--field-name``; TempNet fields carry a
+``tempnet:``, ``checkpoint:``) whose keys are field names. Flags are ``--field-name`` (a boolean
+flag alone means true, as Megatron-LM's ``--finetune``); TempNet fields carry a
 ``--tempnet-`` prefix; a few keep Megatron-LM's historic spelling (see ``_SECTION_PREFIX``).
 """
 from __future__ import annotations
@@ -20,9 +21,10 @@ from megatron_tempnet.config import (ConfigError, ModelConfig, ParallelConfig, T
                                      from_dict, load_model_preset)
 from megatron_tempnet.data.config import DataConfig
 from megatron_tempnet.tempnet.config import TempNetConfig
+from megatron_tempnet.training.checkpointing import CheckpointConfig
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig,
-            "data": DataConfig, "tempnet": TempNetConfig}
+            "data": DataConfig, "tempnet": TempNetConfig, "checkpoint": CheckpointConfig}
 _SECTION_PREFIX = {"tempnet": "tempnet-"}
 _FLAG_NAMES = {("model", "family"): "--model-family"}
 
@@ -34,6 +36,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tempnet: TempNetConfig = field(default_factory=TempNetConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def flag_name(section: str, name: str) -> str:
@@ -71,12 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a GPT/LLaMA (+ TempNet) model with megatron-core.",
         argument_default=argparse.SUPPRESS)
     parser.add_argument("--model", help="model preset name (configs/models/) or YAML path")
-    parser.add_argument("--config", help="run YAML with model/parallel/train/data/tempnet sections")
+    parser.add_argument("--config", help="run YAML with one section per config dataclass "
+                                         f"({'/'.join(SECTIONS)})")
     for flag, (section, name) in all_flags().items():
         f = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
-        is_list = "list" in str(f.type)
+        is_list, is_bool = "list" in str(f.type), str(f.type) == "bool"
         parser.add_argument(flag, dest=f"{section}.{name}", type=str if is_list else _yaml_scalar,
-                            nargs="+" if is_list else None, metavar=name.upper())
+                            nargs="+" if is_list else "?" if is_bool else None,
+                            const=True if is_bool else None, metavar=name.upper())
     return parser
 
 

@@ -1,25 +1,58 @@
 """Entry point: ``torchrun --nproc_per_node N -m megatron_tempnet.train --model tiny-llama ...``.
 
 Builds, in order: process groups -> tokenizer -> datasets -> model stage -> DDP -> optimizer ->
-scheduler, then runs the train loop (megatron_tempnet/training/loop.py).
+scheduler -> checkpoint (--load) -> data position, then runs the train loop
+(megatron_tempnet/training/loop.py). Exit codes: 0 done; checkpointing.EXIT_CODE_PREEMPTED (3,
+SIGTERM/SIGUSR1) and EXIT_CODE_TIME_LIMIT (4, --exit-duration-in-mins) after saving a checkpoint;
+EXIT_CODE_DIVERGED (5) on a non-finite loss / grad norm or a loss spike, nothing saved.
 """
 from __future__ import annotations
 
 import sys
+import time
+from dataclasses import dataclass
+
+import torch.distributed as dist
 
 from megatron_tempnet.arguments import RunConfig, parse_args
 from megatron_tempnet.data.datasets import build_datasets, build_micro_batch_iterator
 from megatron_tempnet.data.tokenizers import load_tokenizer
 from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
-from megatron_tempnet.parallel import initialize, shutdown
+from megatron_tempnet.parallel import ParallelContext, initialize, shutdown
+from megatron_tempnet.training.checkpointing import (EXIT_CODE_DIVERGED, Checkpointer, RunControl,
+                                                     TrainingDiverged, read_latest, run_record)
 from megatron_tempnet.training.ddp import wrap_ddp
-from megatron_tempnet.training.loop import train
+from megatron_tempnet.training.loop import TrainState, train
 from megatron_tempnet.training.optim import build_optimizer, build_scheduler, precision_dtype
 
 
-def main(argv=None) -> int:
-    run: RunConfig = parse_args(argv)
-    par, tr = run.parallel.validate(), run.train
+def log(line: str) -> None:
+    print(line, flush=True)
+
+
+@dataclass
+class Trainer:
+    """Everything one run trains with, built by :func:`build` (tests and hooks reach in here)."""
+
+    run: RunConfig
+    ctx: ParallelContext
+    model_chunks: list
+    optimizer: object
+    scheduler: object
+    batches: object
+    checkpointer: Checkpointer
+    control: RunControl
+    state: TrainState
+
+    def train(self, callbacks=()) -> TrainState:
+        return train(self.model_chunks, self.optimizer, self.scheduler, self.batches,
+                     self.run.train, self.ctx, state=self.state, log=log,
+                     checkpointer=self.checkpointer, control=self.control, callbacks=callbacks)
+
+
+def build(run: RunConfig, start_time: float | None = None) -> Trainer:
+    """Process groups (re)initialized in this process, data, model, optimizer, and --load."""
+    par, tr, ck = run.parallel.validate(), run.train, run.checkpoint.validate()
     ctx = initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, tr.seed)
     tr.validate(ctx.dp_size)
 
@@ -35,17 +68,36 @@ def main(argv=None) -> int:
                                 params_dtype=precision_dtype(tr.precision), seed=tr.seed)
     if ctx.rank == 0:
         n = sum(p.numel() for p in model.parameters())
-        print(f"model {run.model.family}: {n:,} parameters on this stage "
-              f"(TP={ctx.tp_size} PP={ctx.pp_size} DP={ctx.dp_size}), loss "
-              f"{run.tempnet.loss_mode}, mode {run.tempnet.training_mode}", flush=True)
+        log(f"model {run.model.family}: {n:,} parameters on this stage "
+            f"(TP={ctx.tp_size} PP={ctx.pp_size} DP={ctx.dp_size}), loss "
+            f"{run.tempnet.loss_mode}, mode {run.tempnet.training_mode}")
     chunks = [wrap_ddp(model, use_distributed_optimizer=par.use_distributed_optimizer)]
     optimizer = build_optimizer(chunks, tr, use_distributed_optimizer=par.use_distributed_optimizer,
                                 tempnet_cfg=run.tempnet)
     scheduler = build_scheduler(optimizer, tr)
-    train(chunks, optimizer, scheduler, batches, tr, ctx,
-          log=lambda line: print(line, flush=True))
+    checkpointer = Checkpointer(ck, chunks, optimizer, scheduler, ctx,
+                                run_record(run.model, run.tempnet, tr, ctx), log=log)
+    iteration, consumed = checkpointer.load()
+    batches.load_state_dict({"consumed_samples": consumed})
+    return Trainer(run, ctx, chunks, optimizer, scheduler, batches, checkpointer,
+                   RunControl(ck, start_time=start_time, device=ctx.device),
+                   TrainState(iteration=iteration, consumed_samples=consumed))
+
+
+def main(argv=None) -> int:
+    start_time = time.time()
+    run = parse_args(argv)
+    try:
+        exit_code = build(run, start_time).train().exit_code
+    except TrainingDiverged as e:  # every rank raises it (RunControl's all-reduce)
+        save = run.checkpoint.save
+        latest = read_latest(save) if save else None
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            log(f"{e}; " + (f"the last checkpoint, iteration {latest} in {save}, is untouched"
+                            if latest is not None else "no checkpoint was saved"))
+        exit_code = EXIT_CODE_DIVERGED
     shutdown()
-    return 0
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -34,3 +34,12 @@ def single_process():
 
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     return initialize(tp=1, pp=1, seed=1234, environ=env)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A small demo corpus, SentencePiece tokenizer and .bin/.idx dataset, built once per
+    session (tests/corpus.py); ``.data_flags()`` gives the training flags that read it."""
+    from corpus import build_tiny_corpus
+
+    return build_tiny_corpus(tmp_path_factory.mktemp("tiny_corpus"))

@@ -152,9 +152,13 @@ class MicroBatchIterator:
     def _loader(self) -> torch.utils.data.DataLoader:
         sampler = _RankBatchSampler(len(self.dataset), self.consumed_samples,
                                     self.micro_batch_size, self.dp_rank, self.dp_size)
+        # A private generator: creating the loader's iterator draws a base seed, which must not
+        # come from torch's global generator (that would make a resumed run, whose iterator is
+        # created later, draw different dropout masks than an uninterrupted one).
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler,
                                            num_workers=self.num_workers,
-                                           collate_fn=collate_gpt_batch)
+                                           collate_fn=collate_gpt_batch,
+                                           generator=torch.Generator())
 
     def __iter__(self) -> "MicroBatchIterator":
         return self

@@ -3,7 +3,9 @@
     for each iteration:
         micro-batches of this data-parallel rank -> pipeline schedule (forward + backward)
         -> DDP gradient reduction (in finalize_model_grads) -> optimizer step -> lr step
-        -> report loss and throughput
+        -> all ranks agree: diverged? (raise) signal / time limit? (save, stop)
+        -> callbacks (evaluation, metrics sinks) -> report loss and throughput
+        -> checkpoint every --save-interval iterations, at the end, and before stopping early
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 
 from megatron_tempnet.config import TrainConfig
 from megatron_tempnet.parallel.runtime import ParallelContext
+from megatron_tempnet.training.checkpointing import Checkpointer, RunControl
 from megatron_tempnet.training.step import forward_backward, global_metrics
 
 
@@ -24,6 +27,18 @@ class TrainState:
     consumed_samples: int = 0
     history: list = field(default_factory=list)  # (iteration, lm loss) as logged
     metrics: list = field(default_factory=list)  # (iteration, {name: value}) as logged
+    exit_code: int = 0  # nonzero: stopped early (checkpointing.EXIT_CODE_*)
+    stop_reason: str | None = None
+
+
+@dataclass
+class StepOutput:
+    """What one iteration produced; callbacks receive it with the TrainState."""
+
+    reports: list  # the last stage's per-micro-batch reports (training.step); [] elsewhere
+    grad_norm: float | None
+    update_ok: bool
+    lr: float  # the LM's lr after the scheduler step (as logged)
 
 
 def global_mean_loss(reports: list, ctx: ParallelContext) -> torch.Tensor | None:
@@ -41,38 +56,65 @@ def format_metrics(m: dict) -> str:
     return line
 
 
-def train(model_chunks: list, optimizer, scheduler, batches, train_cfg: TrainConfig,
-          ctx: ParallelContext, state: TrainState | None = None, log=print) -> TrainState:
-    """Train until ``train_cfg.train_iters``; ``batches`` yields this DP rank's micro-batches."""
-    state = state or TrainState()
-    num_micro = train_cfg.num_microbatches(ctx.dp_size)
-    tokens_per_iter = train_cfg.global_batch_size * train_cfg.seq_length
-    window_start, window_iters = time.perf_counter(), 0
-    while state.iteration < train_cfg.train_iters:
-        for chunk in model_chunks:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        reports = forward_backward(model_chunks, batches, num_microbatches=num_micro,
-                                   seq_length=train_cfg.seq_length,
-                                   micro_batch_size=train_cfg.micro_batch_size)
-        update_ok, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
-        state.iteration += 1
-        state.consumed_samples += train_cfg.global_batch_size
-        window_iters += 1
+def train_step(model_chunks: list, optimizer, scheduler, batches, train_cfg: TrainConfig,
+               num_micro: int) -> StepOutput:
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = forward_backward(model_chunks, batches, num_microbatches=num_micro,
+                               seq_length=train_cfg.seq_length,
+                               micro_batch_size=train_cfg.micro_batch_size)
+    update_ok, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    return StepOutput(reports, grad_norm, update_ok, scheduler.get_lr(optimizer.param_groups[0]))
 
-        if state.iteration % train_cfg.log_interval == 0 or state.iteration == train_cfg.train_iters:
-            elapsed = time.perf_counter() - window_start
-            if ctx.is_last_stage:
-                metrics = {k: v.item() for k, v in global_metrics(reports, ctx.dp_group).items()}
-                state.history.append((state.iteration, metrics["lm loss"]))
-                state.metrics.append((state.iteration, metrics))
-            if ctx.is_last_stage and ctx.tp_rank == 0 and ctx.dp_rank == 0:
-                log(f"iteration {state.iteration:6d}/{train_cfg.train_iters} | "
-                    f"lr {scheduler.get_lr(optimizer.param_groups[0]):.3e} | "
-                    f"{format_metrics(metrics)} | grad norm {grad_norm or 0.0:.3f} | "
-                    f"tokens/s {tokens_per_iter * window_iters / elapsed:,.0f} | "
-                    f"{1000 * elapsed / window_iters:.1f} ms/iter"
-                    + ("" if update_ok else " | skipped (loss scale)"))
-            window_start, window_iters = time.perf_counter(), 0
+
+def log_iteration(state: TrainState, out: StepOutput, train_cfg: TrainConfig,
+                  ctx: ParallelContext, window: tuple[float, int], log) -> None:
+    """Reduce the metrics over data-parallel ranks, record them, print one line."""
+    elapsed, iters = time.perf_counter() - window[0], window[1]
+    if not ctx.is_last_stage:
+        return
+    metrics = {k: v.item() for k, v in global_metrics(out.reports, ctx.dp_group).items()}
+    state.history.append((state.iteration, metrics["lm loss"]))
+    state.metrics.append((state.iteration, metrics))
+    if ctx.tp_rank == 0 and ctx.dp_rank == 0:
+        tokens = train_cfg.global_batch_size * train_cfg.seq_length * iters
+        log(f"iteration {state.iteration:6d}/{train_cfg.train_iters} | lr {out.lr:.3e} | "
+            f"{format_metrics(metrics)} | grad norm {out.grad_norm or 0.0:.3f} | "
+            f"tokens/s {tokens / elapsed:,.0f} | {1000 * elapsed / iters:.1f} ms/iter"
+            + ("" if out.update_ok else " | skipped (loss scale)"))
+
+
+def train(model_chunks: list, optimizer, scheduler, batches, train_cfg: TrainConfig,
+          ctx: ParallelContext, state: TrainState | None = None, log=print,
+          checkpointer: Checkpointer | None = None, control: RunControl | None = None,
+          callbacks=()) -> TrainState:
+    """Train until ``train_cfg.train_iters``; ``batches`` yields this DP rank's micro-batches
+    (positioned at ``state.consumed_samples``). ``callbacks``: ``fn(state, StepOutput)`` after
+    every iteration (evaluation, metrics sinks). Raises ``TrainingDiverged`` on NaN/Inf."""
+    state = state or TrainState()
+    control = control or RunControl(device=ctx.device)
+    num_micro = train_cfg.num_microbatches(ctx.dp_size)
+    window = (time.perf_counter(), 0)
+    with control:
+        while state.iteration < train_cfg.train_iters:
+            out = train_step(model_chunks, optimizer, scheduler, batches, train_cfg, num_micro)
+            state.iteration += 1
+            state.consumed_samples += train_cfg.global_batch_size
+            window = (window[0], window[1] + 1)
+            stop = control.check(state.iteration, out.reports, out.grad_norm)
+            for callback in callbacks:
+                callback(state, out)
+            last = stop is not None or state.iteration == train_cfg.train_iters
+            if state.iteration % train_cfg.log_interval == 0 or last:
+                log_iteration(state, out, train_cfg, ctx, window, log)
+                window = (time.perf_counter(), 0)
+            if checkpointer is not None and checkpointer.due(state.iteration, stopping=last):
+                checkpointer.save(state.iteration, state.consumed_samples)
+            if stop is not None:
+                state.exit_code, state.stop_reason = stop.exit_code, stop.message
+                if ctx.rank == 0:
+                    log(stop.message)
+                break
     return state

@@ -13,12 +13,18 @@ MEGATRON_FLAGS = {"--tensor-model-parallel-size", "--pipeline-model-parallel-siz
                   "--num-query-groups", "--ffn-hidden-size", "--make-vocab-size-divisible-by",
                   "--max-position-embeddings", "--seed", "--log-interval",
                   "--use-distributed-optimizer", "--tempnet-rho", "--tempnet-tau-min",
-                  "--tempnet-tau-max"}
+                  "--tempnet-tau-max", "--save", "--load", "--save-interval",
+                  "--exit-duration-in-mins", "--exit-signal-handler", "--finetune",
+                  "--no-load-optim", "--no-load-rng"}
+# Ours, beside Megatron-LM's: --keep-last (keep the newest k checkpoints) and
+# --loss-spike-factor (stop when the loss exceeds factor x its running mean).
+OWN_FLAGS = {"--keep-last", "--loss-spike-factor"}
 
 
 def test_flags_are_unique_and_include_megatrons():
     flags = all_flags()
-    assert MEGATRON_FLAGS <= set(flags), sorted(MEGATRON_FLAGS - set(flags))
+    pinned = MEGATRON_FLAGS | OWN_FLAGS
+    assert pinned <= set(flags), sorted(pinned - set(flags))
     fields = list(flags.values())
     assert len(fields) == len(set(fields))  # one flag per field, one field per flag
 
@@ -34,6 +40,13 @@ def test_preset_then_yaml_then_flags(tmp_path):
     assert run.parallel.tensor_model_parallel_size == 8
     assert run.data.data_path == ["0.3", "a", "0.7", "b"]
     assert run.tempnet.rho == 9.5
+
+
+def test_boolean_flag_alone_means_true():
+    run = parse_args(["--finetune", "--use-distributed-optimizer", "false"])
+    assert run.checkpoint.finetune is True
+    assert run.parallel.use_distributed_optimizer is False
+    assert parse_args(["--finetune", "false"]).checkpoint.finetune is False
 
 
 def test_unknown_yaml_section_is_named(tmp_path):

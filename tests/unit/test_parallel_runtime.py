@@ -108,3 +108,20 @@ def test_redirected_megatron_calls_work_on_cpu(single_process):
         c = torch.rand(4)
     assert torch.equal(b, c)
     assert a.shape == b.shape
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU redirection")
+def test_checkpoint_results_queue_uses_fork_on_cpu(single_process):
+    """Item 7: dist_checkpointing's results queue comes from a fork-context Manager (a spawn
+    one re-imports __main__, torch and megatron-core: seconds per process)."""
+    import time
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    assert filesystem_async._get_write_results_queue is cpu._fork_results_queue
+    t0 = time.perf_counter()
+    queue = filesystem_async._get_write_results_queue()
+    queue.put("ok")
+    assert queue.get(timeout=10) == "ok"
+    assert filesystem_async._get_write_results_queue() is queue  # one per process
+    assert time.perf_counter() - t0 < 5
