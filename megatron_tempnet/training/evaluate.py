@@ -1,0 +1,424 @@
+"""Validation metrics, vocab-parallel: perplexity and calibration at tau = 1, with the model's own
+tau, and at the best single global temperature (tempnet.md 5).
+
+What is computed (all loss-mask weighted, reduced over TP, micro-batches and DP):
+  * perplexity exp(mean NLL) at tau = 1; with TempNet's per-token tau (loss_mode "tempnet_dro");
+    at the fixed tau (loss_mode "dro_fixed_tau"); at the best global temperature T;
+  * expected calibration error (ECE, ``EvalConfig.ece_bins`` = 15 equal-width confidence bins
+    (lo, hi], Guo et al. 2017) of next-token prediction at the same temperatures: confidence =
+    max softmax prob, correct = (argmax == target). A temperature tau > 0 changes the confidence,
+    never the argmax, so one correctness flag serves every temperature;
+  * top-1 accuracy, TempNet's mean tau and a fixed-bin histogram of tau over [tau_min, tau_max].
+
+The best global T (tempnet.md 5 asks for it beside tau = 1 and TempNet's tau):
+  1. pass 1: every temperature of a coarse grid in the same pass: ``EvalConfig.temperature_points``
+     (25) log-spaced temperatures in [temperature_min, temperature_max] = [0.05, 20] (ratio 1.28
+     between neighbours) plus T = 1 and the fixed tau;
+  2. pass 2 (``refine_points`` > 0): the mean NLL is convex in beta = 1/T (a log-sum-exp of
+     functions linear in beta minus a linear term), hence unimodal in T, so its minimum lies
+     between the best coarse point's two neighbours; ``refine_points`` (16) log-spaced
+     temperatures spanning that bracket (ratio ~1.03) are evaluated by running the model again
+     over the same micro-batches (recorded in pass 1: token ids only, no logits). The best T is
+     the argmin over both grids, so it is never worse than tau = 1 or any grid point.
+
+Vocab-parallel statistics of one token (:func:`vocab_parallel_token_stats`; the [tokens, V]
+logits are never gathered), from this rank's shard z [t, v/tp], target y and temperatures tau_j:
+  1. m = max_v z: all-reduce(max) of the local row maxima                                  [t]
+  2. all-reduce(sum) of the packed [t, 3 + J]: z_y (owner rank), #{v < y : z_v = m} (ties that
+     come before the target), [z_y = m] (owner rank), S_j = sum_v exp((z_v - m) / tau_j)
+  3. NLL_j = lse(z / tau_j) - z_y / tau_j = (m - z_y) / tau_j + log S_j;  confidence_j = 1 / S_j;
+     correct = [z_y = m] and no tie before y (argmax takes the lowest index among ties).
+Two collectives per micro-batch, for any number of temperatures (plus TempNet's own one).
+
+PP > 1: the model runs through megatron-core's schedule with ``forward_only=True``; the last
+stage's loss_func turns the logits shard into one vector of per-micro-batch sums (see
+``_StatLayout``), which are summed over micro-batches and all-reduced over DP. The result is
+broadcast from the last stage over the pipeline group, so every rank returns the same dict.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megatron_tempnet.config import ConfigError
+from megatron_tempnet.tempnet.comm import MAX, SUM, all_reduce, group_rank_size
+from megatron_tempnet.tempnet.reference import compute_dtype
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings (one home; the lead registers them as flags).
+
+    eval_interval:      evaluate every this many iterations (0: only at the end of training).
+    eval_iters:         global batches per evaluation (each ``num_microbatches`` micro-batches).
+    temperature_min, temperature_max, temperature_points: the coarse log-spaced grid of global
+                        temperatures of pass 1 (T = 1 and the fixed tau are always added).
+    refine_points:      log-spaced temperatures of pass 2 between the best coarse point's
+                        neighbours (0: no second pass; the best T is a coarse grid point).
+    ece_bins:           equal-width confidence bins of the ECE.
+    tau_histogram_bins: bins of the eval tau histogram over [tau_min, tau_max] (TempNet only).
+    """
+
+    eval_interval: int = 0
+    eval_iters: int = 10
+    temperature_min: float = 0.05
+    temperature_max: float = 20.0
+    temperature_points: int = 25
+    refine_points: int = 16
+    ece_bins: int = 15
+    tau_histogram_bins: int = 32
+
+    def validate(self) -> "EvalConfig":
+        def bad(name, why):
+            return ConfigError(f"EvalConfig.{name} (--{name.replace('_', '-')}) = "
+                               f"{getattr(self, name)!r}: {why}")
+        for name in ("eval_interval", "eval_iters", "temperature_points", "refine_points",
+                     "ece_bins", "tau_histogram_bins"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise bad(name, "must be an integer >= 0")
+        if self.ece_bins < 1 or self.tau_histogram_bins < 1:
+            raise bad("ece_bins" if self.ece_bins < 1 else "tau_histogram_bins", "must be >= 1")
+        if not 0 < self.temperature_min < self.temperature_max:
+            raise bad("temperature_min", f"need 0 < temperature_min < temperature_max "
+                                         f"({self.temperature_max!r})")
+        if self.temperature_points == 1:
+            raise bad("temperature_points", "use 0 (only T = 1) or >= 2 grid points")
+        return self
+
+    def coarse_grid(self, extra=()) -> list[float]:
+        """Sorted coarse temperatures: the log-spaced grid, T = 1 and ``extra`` (e.g. fixed tau)."""
+        grid = set()
+        if self.temperature_points:
+            grid.update(torch.logspace(math.log10(self.temperature_min),
+                                       math.log10(self.temperature_max),
+                                       self.temperature_points, dtype=torch.float64).tolist())
+        grid.update([1.0, *[float(t) for t in extra]])
+        return sorted(grid)
+
+
+# ---------------------------------------------------------------------------------------------
+# The math, once: per-token statistics on a vocab shard.
+
+def vocab_parallel_token_stats(logits_shard: torch.Tensor, target: torch.Tensor,
+                               temperatures: torch.Tensor, tp_group=None):
+    """Per-token NLL and confidence at each temperature, and argmax correctness, vocab-parallel.
+
+    logits_shard [t, v/tp] (rank r holds global ids [r*v/tp, (r+1)*v/tp)), target [t] global ids
+    (out of range, e.g. -100: garbage values, mask them), temperatures [t, J] or [J] (> 0, the
+    same on all TP ranks). Returns (nll [t, J], confidence [t, J], correct [t] bool), identical
+    on all TP ranks. Two collectives (see the module docstring).
+    """
+    rank, size = group_rank_size(tp_group)
+    z = logits_shard.detach().to(compute_dtype(logits_shard.dtype))  # [t, v/tp]
+    t, v_local = z.shape
+    start = rank * v_local
+    inv_tau = 1.0 / temperatures.to(z.dtype).expand(t, -1)  # [t, J]
+
+    # 1. global row max
+    m = all_reduce(z.amax(dim=-1), MAX, tp_group)  # [t]
+    # 2. local sums, packed into one all-reduce
+    owned = (target >= start) & (target < start + v_local)  # [t]
+    local_y = torch.where(owned, target - start, 0).long()
+    z_y = torch.where(owned, z.gather(-1, local_y.unsqueeze(-1)).squeeze(-1), 0.0)  # [t]
+    ids = torch.arange(start, start + v_local, device=z.device)
+    at_max = z == m.unsqueeze(-1)  # [t, v/tp]
+    ties_before = (at_max & (ids.unsqueeze(0) < target.unsqueeze(-1))).sum(-1)  # [t]
+    target_is_max = owned & (z_y == m)
+    shifted = z - m.unsqueeze(-1)  # [t, v/tp], <= 0
+    del at_max
+    buf = torch.empty_like(shifted)
+    sums = [torch.mul(shifted, inv_tau[:, j:j + 1], out=buf).exp_().sum(-1)
+            for j in range(inv_tau.shape[1])]  # S_j [t] each; one [t, v/tp] buffer
+    packed = torch.stack([z_y, ties_before.to(z.dtype), target_is_max.to(z.dtype), *sums], -1)
+    all_reduce(packed, SUM, tp_group)  # [t, 3 + J]
+    z_y, ties_before, target_is_max, s = packed[:, 0], packed[:, 1], packed[:, 2], packed[:, 3:]
+    # 3. per-token results
+    nll = (m - z_y).unsqueeze(-1) * inv_tau + torch.log(s)  # [t, J]
+    confidence = 1.0 / s  # [t, J]
+    correct = (target_is_max > 0.5) & (ties_before < 0.5)  # [t]
+    return nll, confidence, correct
+
+
+def ece_bin_index(confidence: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Equal-width bins (lo, hi] of [0, 1]: ceil(c * B) - 1, clamped to [0, B - 1]."""
+    return (torch.ceil(confidence * num_bins).long() - 1).clamp_(0, num_bins - 1)
+
+
+def expected_calibration_error(bins: torch.Tensor) -> float:
+    """ECE from per-bin sums [B, 3] = (weight, confidence sum, correct sum):
+    sum_b |correct_b - confidence_b| / total weight."""
+    total = float(bins[:, 0].sum())
+    return float((bins[:, 2] - bins[:, 1]).abs().sum()) / max(total, 1e-30)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-micro-batch sums (the schedule's loss_func) and their layout.
+
+@dataclass(frozen=True)
+class _StatLayout:
+    """Offsets of the flat per-micro-batch sum vector. Columns j < num_scalar are the global
+    temperatures ``temperatures``; column num_scalar (if ``token_tau``) is TempNet's tau."""
+
+    temperatures: tuple
+    token_tau: bool
+    ece_bins: int
+    hist_bins: int
+
+    @property
+    def num_cols(self) -> int:
+        return len(self.temperatures) + int(self.token_tau)
+
+    @property
+    def size(self) -> int:  # count, correct, tau sum | nll [J] | bins [J, B, 3] | tau hist [H]
+        return 3 + self.num_cols * (1 + 3 * self.ece_bins) + self.hist_bins * self.token_tau
+
+    def split(self, vec: torch.Tensor) -> dict:
+        j, b = self.num_cols, self.ece_bins
+        nll_end = 3 + j
+        bins_end = nll_end + j * b * 3
+        return {"count": vec[0], "correct": vec[1], "tau_sum": vec[2],
+                "nll": vec[3:nll_end], "bins": vec[nll_end:bins_end].view(j, b, 3),
+                "tau_hist": vec[bins_end:]}
+
+
+def _micro_batch_sums(layout: _StatLayout, model, tp_group, tau_range, batch, logits):
+    """loss_func: logits [b, s, v/tp] -> (0, token count, {"eval": flat sums})."""
+    mask = batch["loss_mask"].reshape(-1).to(torch.float64)  # [t]
+    target = batch["labels"].reshape(-1).to(logits.device)
+    flat = logits.reshape(-1, logits.shape[-1])  # [t, v/tp]
+    temps = torch.tensor(layout.temperatures, dtype=torch.float64, device=logits.device)
+    temps = temps.expand(flat.shape[0], -1)  # [t, J0]
+    tau = None
+    if layout.token_tau:  # TempNet in eval mode, outside megatron's RNG fork (head.py)
+        tau = model.tempnet(logits, tp_group).reshape(-1).to(torch.float64)  # [t]
+        temps = torch.cat([temps, tau.unsqueeze(-1)], dim=-1)  # [t, J]
+    nll, conf, correct = vocab_parallel_token_stats(flat, target, temps, tp_group)
+    keep = (mask != 0).unsqueeze(-1)
+    w = mask.to(nll.dtype).unsqueeze(-1)  # [t, 1]
+    nll_sum = torch.where(keep, nll * w, 0.0).sum(0)  # [J] (masked tokens may hold garbage)
+    cw = correct.to(nll.dtype).unsqueeze(-1) * w
+    j, nb = layout.num_cols, layout.ece_bins
+    index = (ece_bin_index(conf, nb) + torch.arange(j, device=conf.device) * nb) * 3  # [t, J]
+    bins = torch.zeros(j * nb * 3, dtype=nll.dtype, device=nll.device)
+    for k, value in enumerate((w.expand_as(conf), conf * w, cw.expand_as(conf))):
+        bins.index_add_(0, (index + k).reshape(-1), torch.where(keep, value, 0.0).reshape(-1))
+    head = [w.sum(), cw.sum(), (tau.unsqueeze(-1) * w).sum() if tau is not None
+            else torch.zeros((), dtype=nll.dtype, device=nll.device)]
+    parts = [torch.stack(head), nll_sum, bins]
+    if tau is not None:
+        lo, hi = tau_range
+        hb = layout.hist_bins
+        idx = ((tau - lo) / (hi - lo) * hb).floor().long().clamp_(0, hb - 1)
+        parts.append(torch.zeros(hb, dtype=nll.dtype, device=nll.device)
+                     .index_add_(0, idx, mask.to(nll.dtype)))
+    vec = torch.cat(parts)
+    assert vec.numel() == layout.size
+    return logits.new_zeros(()), mask.sum().to(torch.int), {"eval": vec}
+
+
+def _eval_forward_step(loss_func, batches_seen, data_iterator, model):
+    """megatron-core forward_step_func: the model without labels returns the logits shard
+    [b, s, v/tp] on the last stage (hidden states elsewhere)."""
+    batch = next(data_iterator)
+    batches_seen.append(batch)
+    output = model(batch["tokens"], batch["position_ids"], None)
+    return output, partial(loss_func, batch)
+
+
+def _unwrap(module):
+    while hasattr(module, "module"):  # DDP, Float16Module
+        module = module.module
+    return module
+
+
+def _run_pass(model_chunks, batches, layout, ctx, *, num_microbatches, seq_length,
+              micro_batch_size):
+    """One forward-only pass; this rank's DP-reduced sums (last stage) or None, and the batches."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    model = _unwrap(model_chunks[-1])
+    cfg = getattr(model, "tempnet_config", None)
+    tau_range = (cfg.tau_min, cfg.tau_max) if cfg is not None else (0.0, 1.0)
+    loss_func = partial(_micro_batch_sums, layout, model, ctx.tp_group, tau_range)
+    seen: list = []
+    with torch.no_grad():
+        reports = get_forward_backward_func()(
+            forward_step_func=partial(_eval_forward_step, loss_func, seen),
+            data_iterator=batches, model=model_chunks, num_microbatches=num_microbatches,
+            seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=True)
+    if not ctx.is_last_stage:
+        return None, seen
+    total = torch.stack([r["eval"] for r in reports]).sum(0) if reports else \
+        torch.zeros(layout.size, dtype=torch.float64, device=ctx.device)
+    return all_reduce(total, SUM, ctx.dp_group), seen
+
+
+def _refine_grid(coarse: list, nll: torch.Tensor, points: int) -> list:
+    """``points`` log-spaced temperatures between the neighbours of the best coarse point."""
+    k = int(torch.argmin(nll))
+    lo, hi = coarse[max(k - 1, 0)], coarse[min(k + 1, len(coarse) - 1)]
+    if points <= 0 or lo == hi:
+        return []
+    return torch.logspace(math.log10(lo), math.log10(hi), points, dtype=torch.float64).tolist()
+
+
+def evaluate(model_chunks: list, batches, num_batches: int, ctx, *, seq_length: int,
+             micro_batch_size: int, num_microbatches: int,
+             config: EvalConfig | None = None) -> dict:
+    """Validation metrics over ``num_batches`` global batches of ``num_microbatches`` micro-batches
+    each (``batches`` yields this DP rank's micro-batches, as in training).
+
+    Every rank returns the same dict (broadcast from the last stage over ``ctx.pp_group``):
+    scalars "eval tokens", "accuracy", "ppl tau=1", "ece tau=1", "best T", "ppl best T",
+    "ece best T"; with TempNet "ppl tempnet", "ece tempnet", "tau mean" and
+    "tau histogram" ({"edges": [...], "counts": [...]}); with a fixed tau "fixed tau",
+    "ppl fixed tau", "ece fixed tau"; and "temperature grid" ([[T, ppl, ece], ...], both
+    passes, sorted by T). The model is run in eval mode and put back in its previous mode.
+    """
+    config = (config or EvalConfig()).validate()
+    model = _unwrap(model_chunks[-1])
+    tcfg = getattr(model, "tempnet_config", None)
+    token_tau = getattr(model, "tempnet", None) is not None
+    fixed = tcfg.fixed_tau if tcfg is not None and tcfg.loss_mode == "dro_fixed_tau" else None
+    coarse = config.coarse_grid(() if fixed is None else (fixed,))
+    modes = [chunk.training for chunk in model_chunks]
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        run = partial(_run_pass, model_chunks, ctx=ctx, num_microbatches=num_microbatches,
+                      seq_length=seq_length, micro_batch_size=micro_batch_size)
+        layout = _StatLayout(tuple(coarse), token_tau, config.ece_bins,
+                             config.tau_histogram_bins)
+        recorded = []
+        first = None
+        for _ in range(num_batches):
+            sums, seen = run(batches, layout)
+            recorded += seen
+            first = sums if first is None or sums is None else first + sums
+        # pass 2: the fine grid (identical on every last-stage rank: the sums are all-reduced)
+        fine = []
+        if ctx.is_last_stage and config.refine_points and first is not None:
+            fine = _refine_grid(coarse, layout.split(first)["nll"][:len(coarse)],
+                                config.refine_points)
+        fine = _broadcast_from_last_stage(fine, ctx)
+        second = None
+        if fine:
+            fine_layout = _StatLayout(tuple(fine), False, config.ece_bins, 0)
+            replay = iter(recorded)
+            for _ in range(num_batches):
+                sums, _ = run(replay, fine_layout)
+                second = sums if second is None or sums is None else second + sums
+    finally:
+        for chunk, mode in zip(model_chunks, modes):
+            chunk.train(mode)
+    result = None
+    if ctx.is_last_stage:
+        result = _metrics(layout, first, fine_layout if fine else None, second, fixed, tcfg,
+                          config)
+    return _broadcast_from_last_stage(result, ctx)
+
+
+def _broadcast_from_last_stage(obj, ctx):
+    if ctx.pp_size == 1 or ctx.pp_group is None:
+        return obj
+    box = [obj]
+    src = dist.get_global_rank(ctx.pp_group, ctx.pp_size - 1)
+    dist.broadcast_object_list(box, src=src, group=ctx.pp_group)
+    return box[0]
+
+
+def _metrics(layout, first, fine_layout, second, fixed, tcfg, config) -> dict:
+    """Final dict from the DP-reduced sums of pass 1 (and pass 2)."""
+    a = layout.split(first.double().cpu())
+    count = float(a["count"])
+    denom = max(count, 1e-30)
+
+    def ppl(nll_sum):
+        return math.exp(min(float(nll_sum) / denom, 700.0))
+
+    grid = {}  # T -> (ppl, ece): coarse, then fine
+    for j, temp in enumerate(layout.temperatures):
+        grid[temp] = (ppl(a["nll"][j]), expected_calibration_error(a["bins"][j]))
+    if fine_layout is not None:
+        b = fine_layout.split(second.double().cpu())
+        for j, temp in enumerate(fine_layout.temperatures):
+            grid.setdefault(temp, (ppl(b["nll"][j]), expected_calibration_error(b["bins"][j])))
+    best = min(grid, key=lambda t: (grid[t][0], abs(math.log(t))))
+    out = {"eval tokens": count, "accuracy": float(a["correct"]) / denom,
+           "ppl tau=1": grid[1.0][0], "ece tau=1": grid[1.0][1]}
+    if layout.token_tau:
+        j = len(layout.temperatures)
+        edges = torch.linspace(tcfg.tau_min, tcfg.tau_max, layout.hist_bins + 1)
+        out.update({"ppl tempnet": ppl(a["nll"][j]),
+                    "ece tempnet": expected_calibration_error(a["bins"][j]),
+                    "tau mean": float(a["tau_sum"]) / denom,
+                    "tau histogram": {"edges": edges.tolist(),
+                                      "counts": a["tau_hist"].tolist()}})
+    if fixed is not None:
+        out.update({"fixed tau": float(fixed), "ppl fixed tau": grid[float(fixed)][0],
+                    "ece fixed tau": grid[float(fixed)][1]})
+    out.update({"best T": best, "ppl best T": grid[best][0], "ece best T": grid[best][1],
+                "temperature grid": [[t, *grid[t]] for t in sorted(grid)]})
+    return out
+
+
+def format_eval_table(metrics: dict, title: str = "validation") -> str:
+    """Printable table: rows tau = 1, TempNet tau / fixed tau, best global T; columns ppl, ECE."""
+    rows = [("tau = 1", metrics["ppl tau=1"], metrics["ece tau=1"])]
+    if "ppl tempnet" in metrics:
+        rows.append((f"TempNet tau (mean {metrics['tau mean']:.3f})", metrics["ppl tempnet"],
+                     metrics["ece tempnet"]))
+    if "ppl fixed tau" in metrics:
+        rows.append((f"fixed tau = {metrics['fixed tau']:g}", metrics["ppl fixed tau"],
+                     metrics["ece fixed tau"]))
+    rows.append((f"best global T = {metrics['best T']:.4g}", metrics["ppl best T"],
+                 metrics["ece best T"]))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{title}: {metrics['eval tokens']:.0f} tokens, top-1 accuracy "
+             f"{metrics['accuracy']:.4f}",
+             f"{'':<{width}}  {'ppl':>12}  {'ECE':>8}"]
+    lines += [f"{name:<{width}}  {p:>12.4f}  {e:>8.4f}" for name, p, e in rows]
+    return "\n".join(lines)
+
+
+class EvalCallback:
+    """Train-loop callback ``fn(state, step_output)`` (loop.train's ``callbacks``): evaluates
+    every ``config.eval_interval`` iterations (0: never in between) and at the last iteration,
+    prints the table (rank 0), passes the dict to ``logger.log_eval`` (a MetricsLogger, or None)
+    and keeps ``(iteration, metrics)`` in ``self.results``. ``batches`` is the validation
+    micro-batch iterator of this DP rank; it is not rewound between evaluations (Megatron-LM's
+    behaviour: build it with ``data.datasets.num_samples(...)[1]`` validation samples)."""
+
+    def __init__(self, model_chunks: list, batches, ctx, config: EvalConfig, train_cfg, *,
+                 logger=None, log=print):
+        self.chunks, self.batches, self.ctx = model_chunks, batches, ctx
+        self.config, self.train_cfg = config.validate(), train_cfg
+        self.logger, self.log = logger, log
+        self.results: list = []
+
+    def due(self, iteration: int) -> bool:
+        interval = self.config.eval_interval
+        return self.config.eval_iters > 0 and (
+            iteration == self.train_cfg.train_iters or (interval > 0 and iteration % interval == 0))
+
+    def run(self, iteration: int) -> dict:
+        tc = self.train_cfg
+        metrics = evaluate(self.chunks, self.batches, self.config.eval_iters, self.ctx,
+                           seq_length=tc.seq_length, micro_batch_size=tc.micro_batch_size,
+                           num_microbatches=tc.num_microbatches(self.ctx.dp_size),
+                           config=self.config)
+        self.results.append((iteration, metrics))
+        if self.ctx.rank == 0:
+            self.log(format_eval_table(metrics, f"validation at iteration {iteration}"))
+        if self.logger is not None:
+            self.logger.log_eval(iteration, metrics)
+        return metrics
+
+    def __call__(self, state, out=None) -> None:
+        if self.due(state.iteration):
+            self.run(state.iteration)

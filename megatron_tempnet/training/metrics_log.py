@@ -1,0 +1,282 @@
+"""Metrics sinks: console line, TensorBoard scalars and tau histograms, a JSONL metrics file.
+
+One rank writes (:func:`is_writer_rank`: last pipeline stage, tp_rank 0, dp_rank 0: the rank that
+holds the DP-reduced metrics); every other rank gets a no-op logger, so callers need no rank
+checks. Configuration: :class:`LoggingConfig` (the lead registers it as the ``logging`` section).
+
+What a training iteration logs (``MetricsLogger.log_train``; keys as the loop's metrics dict,
+tags ``train/<key>`` with spaces -> underscores): lr, lm loss (plain CE, tau = 1) and its ppl,
+dro loss, tempered ce, tau mean/min/max, grad norm, tokens/s, TFLOP/s/GPU, MFU, memory
+(training/flops.py). An evaluation (``log_eval``): ``valid/<key>`` for every scalar of
+``training.evaluate.evaluate``'s dict, and the histogram of TempNet's per-token tau over the
+validation set (``valid/tau``, fixed bins over [tau_min, tau_max]). :func:`tau_histogram` gives
+the same fixed-bin counts for a training batch when its per-token tau is at hand.
+
+JSONL: one object per call, ``{"split": "train" | "valid", "iteration": N, <key>: value, ...}``
+(non-finite floats as the strings "nan" / "inf" / "-inf", so every line is strict JSON).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_tempnet.config import ConfigError
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go (the console line is always printed by the train loop).
+
+    tensorboard_dir: TensorBoard event directory (None: no TensorBoard). Needs the
+                     ``tensorboard`` package.
+    metrics_jsonl:   path of the JSONL metrics file, appended to (None: none).
+    peak_tflops:     peak dense TFLOP/s of one device for MFU (None: the table in
+                     training/flops.py for the GPU; no MFU on CPU).
+    """
+
+    tensorboard_dir: str | None = None
+    metrics_jsonl: str | None = None
+    peak_tflops: float | None = None
+
+    def validate(self) -> "LoggingConfig":
+        if self.peak_tflops is not None and not (isinstance(self.peak_tflops, (int, float))
+                                                 and self.peak_tflops > 0):
+            raise ConfigError(f"--peak-tflops {self.peak_tflops!r}: must be a number > 0 "
+                              "(e.g. 989 for an H100 in bf16) or left out")
+        if self.tensorboard_dir is not None:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError(f"--tensorboard-dir {self.tensorboard_dir}: the tensorboard "
+                                  "package is not installed (pip install tensorboard)") from None
+        return self
+
+
+def is_writer_rank(ctx) -> bool:
+    """The rank that writes metrics: last pipeline stage, first TP and DP rank."""
+    return ctx.is_last_stage and ctx.tp_rank == 0 and ctx.dp_rank == 0
+
+
+def tag(key: str) -> str:
+    """A TensorBoard tag from a metrics key: "lm loss" -> "lm_loss", "TFLOP/s/GPU" kept."""
+    return key.strip().replace(" ", "_").replace("=", "_")
+
+
+def _json_value(value):
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan", "inf", "-inf"
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def _scalars(metrics: dict) -> dict:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out
+
+
+def tau_histogram(tau: torch.Tensor, loss_mask: torch.Tensor, tau_min: float, tau_max: float,
+                  bins: int = 32) -> torch.Tensor:
+    """Fixed-bin counts [bins] of the masked per-token tau over [tau_min, tau_max] (a cheap,
+    summable report: add it over micro-batches and DP ranks like the other sums)."""
+    idx = ((tau.detach().reshape(-1).double() - tau_min) / (tau_max - tau_min) * bins)
+    idx = idx.floor().long().clamp_(0, bins - 1)
+    weight = loss_mask.reshape(-1).to(torch.float64)
+    return torch.zeros(bins, dtype=torch.float64, device=tau.device).index_add_(0, idx, weight)
+
+
+def format_train_line(iteration: int, train_iters: int, metrics: dict) -> str:
+    """One console line from a train metrics dict (the keys of ``log_train``), in a fixed order;
+    keys absent from ``metrics`` are left out."""
+    fmt = [("lr", "lr {:.3e}"), ("lm loss", "lm loss {:.4f}"), ("ppl", "ppl {:.2f}"),
+           ("dro loss", "dro loss {:.4f}"), ("tempered ce", "tempered ce {:.4f}"),
+           ("tau", "tau {:.3f}"), ("tau min", "[{:.3f},"), ("tau max", "{:.3f}]"),
+           ("grad norm", "grad norm {:.3f}"), ("tokens/s", "tokens/s {:,.0f}"),
+           ("TFLOP/s/GPU", "{:.2f} TFLOP/s/GPU"), ("MFU", "MFU {:.1%}"),
+           ("ms/iter", "{:.1f} ms/iter"), ("mem max allocated GiB", "mem {:.2f} GiB"),
+           ("mem rss GiB", "rss {:.2f} GiB")]
+    parts = [f"iteration {iteration:6d}/{train_iters}"]
+    for key, pattern in fmt:
+        if key in metrics and metrics[key] is not None:
+            piece = pattern.format(float(metrics[key]))
+            if key == "tau max" and parts and parts[-1].startswith("["):
+                parts[-1] += " " + piece
+            else:
+                parts.append(piece)
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """TensorBoard + JSONL sinks of one run; a no-op on every rank but the writer rank.
+
+    Use as a context manager or call ``close()``. ``log_train(iteration, metrics)`` and
+    ``log_eval(iteration, eval_metrics)`` write scalars (and the tau histogram) and a JSONL line.
+    """
+
+    def __init__(self, config: LoggingConfig | None, ctx=None, *, writer: bool | None = None):
+        self.config = (config or LoggingConfig()).validate()
+        self.active = is_writer_rank(ctx) if writer is None else writer
+        self._tb = None
+        self._jsonl = None
+        if not self.active:
+            return
+        if self.config.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=self.config.tensorboard_dir)
+        if self.config.metrics_jsonl:
+            path = Path(self.config.metrics_jsonl)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._jsonl = path.open("a", encoding="utf-8")
+
+    # --- sinks -----------------------------------------------------------------------------
+    def log_scalars(self, iteration: int, metrics: dict, prefix: str) -> None:
+        if self._tb is not None:
+            for key, value in _scalars(metrics).items():
+                self._tb.add_scalar(f"{prefix}/{tag(key)}", value, iteration)
+
+    def log_histogram(self, iteration: int, name: str, counts, edges) -> None:
+        """A histogram from fixed-bin ``counts`` [B] and ``edges`` [B + 1]."""
+        if self._tb is None:
+            return
+        counts = torch.as_tensor(counts, dtype=torch.float64)
+        edges = torch.as_tensor(edges, dtype=torch.float64)
+        total = float(counts.sum())
+        if total <= 0:
+            return
+        centers = (edges[:-1] + edges[1:]) / 2
+        mean = float((counts * centers).sum()) / total
+        nonzero = torch.nonzero(counts).flatten()
+        self._tb.add_histogram_raw(
+            name, min=float(edges[nonzero[0]]), max=float(edges[nonzero[-1] + 1]),
+            num=total, sum=mean * total, sum_squares=float((counts * centers ** 2).sum()),
+            bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(),
+            global_step=iteration)
+
+    def write_jsonl(self, record: dict) -> None:
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(_json_value(record), sort_keys=False) + "\n")
+            self._jsonl.flush()
+
+    # --- what the loop calls ---------------------------------------------------------------
+    def log_train(self, iteration: int, metrics: dict) -> None:
+        """One logged training iteration: ``train/*`` scalars and a JSONL line."""
+        if not self.active:
+            return
+        self.log_scalars(iteration, metrics, "train")
+        if "tau histogram" in metrics:
+            hist = metrics["tau histogram"]
+            self.log_histogram(iteration, "train/tau", hist["counts"], hist["edges"])
+        self.write_jsonl({"split": "train", "iteration": iteration, **metrics})
+        self.flush()
+
+    def log_eval(self, iteration: int, metrics: dict, split: str = "valid") -> None:
+        """An evaluation (``training.evaluate.evaluate``'s dict): scalars, the tau histogram,
+        and a JSONL line (the temperature grid included)."""
+        if not self.active or metrics is None:
+            return
+        self.log_scalars(iteration, metrics, split)
+        hist = metrics.get("tau histogram")
+        if hist:
+            self.log_histogram(iteration, f"{split}/tau", hist["counts"], hist["edges"])
+        self.write_jsonl({"split": split, "iteration": iteration, **metrics})
+        self.flush()
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def train_metrics(reduced: dict, *, lr: float, grad_norm, elapsed_s: float, iterations: int,
+                  tokens_per_iteration: int, flops_per_token: float, world_size: int,
+                  peak: float | None, device) -> dict:
+    """The full train metrics dict of one logged iteration from the loop's pieces.
+
+    reduced: ``step.global_metrics(...)`` as floats ("lm loss", and with the DRO loss "dro loss",
+    "tempered ce", "tau", "tau min", "tau max"); adds lr, ppl, grad norm, tokens/s, TFLOP/s/GPU,
+    MFU (with a peak), ms/iter and memory (training/flops.py).
+    """
+    from megatron_tempnet.training.flops import memory_metrics, throughput_metrics
+
+    out = {"lr": float(lr), **{k: float(v) for k, v in reduced.items()}}
+    if "lm loss" in out:
+        out["ppl"] = math.exp(min(out["lm loss"], 30.0))
+    if grad_norm is not None:
+        out["grad norm"] = float(grad_norm)
+    elapsed_s = max(elapsed_s, 1e-9)
+    out.update(throughput_metrics(tokens_per_iteration * iterations / elapsed_s,
+                                  flops_per_token, world_size, peak))
+    out["ms/iter"] = 1000.0 * elapsed_s / max(iterations, 1)
+    out.update(memory_metrics(device))
+    return out
+
+
+def default_paths(root: str | os.PathLike) -> LoggingConfig:
+    """A LoggingConfig writing ``root/tensorboard`` and ``root/metrics.jsonl``."""
+    root = Path(root)
+    return LoggingConfig(tensorboard_dir=str(root / "tensorboard"),
+                         metrics_jsonl=str(root / "metrics.jsonl"))
+
+
+class MetricsCallback:
+    """Train-loop callback ``fn(state, step_output)`` (loop.train's ``callbacks``): on every
+    log-interval iteration (and the last), reduce the step's reports over DP (last stage; a
+    collective among the last-stage ranks), build :func:`train_metrics` and write the sinks.
+    Keeps its own throughput window (iterations since its last call that logged)."""
+
+    def __init__(self, logger: MetricsLogger, train_cfg, ctx, *, flops_per_token: float,
+                 peak: float | None):
+        import time
+
+        self.logger, self.train_cfg, self.ctx = logger, train_cfg, ctx
+        self.flops_per_token, self.peak = flops_per_token, peak
+        self._clock = time.perf_counter
+        self._start, self._iters = self._clock(), 0
+
+    def __call__(self, state, out) -> None:
+        from megatron_tempnet.training.step import global_metrics
+
+        self._iters += 1
+        cfg = self.train_cfg
+        if state.iteration % cfg.log_interval and state.iteration != cfg.train_iters:
+            return
+        elapsed, iters = self._clock() - self._start, self._iters
+        self._start, self._iters = self._clock(), 0
+        if not self.ctx.is_last_stage:
+            return
+        reduced = {k: v.item() for k, v in global_metrics(out.reports, self.ctx.dp_group).items()}
+        metrics = train_metrics(reduced, lr=out.lr, grad_norm=out.grad_norm, elapsed_s=elapsed,
+                                iterations=iters,
+                                tokens_per_iteration=cfg.global_batch_size * cfg.seq_length,
+                                flops_per_token=self.flops_per_token,
+                                world_size=self.ctx.world_size, peak=self.peak,
+                                device=self.ctx.device)
+        self.logger.log_train(state.iteration, metrics)

@@ -1,0 +1,120 @@
+"""Metrics sinks (training/metrics_log.py): JSONL contents, TensorBoard event file (read back
+with tensorboard's EventAccumulator), writer rank, console line, callbacks."""
+import json
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_tempnet.config import ConfigError
+from megatron_tempnet.training.metrics_log import (LoggingConfig, MetricsCallback, MetricsLogger,
+                                                   format_train_line, is_writer_rank,
+                                                   tau_histogram, train_metrics)
+
+
+def ctx_at(pp_rank=0, pp_size=1, tp_rank=0, dp_rank=0):
+    return SimpleNamespace(is_last_stage=pp_rank == pp_size - 1, tp_rank=tp_rank,
+                           dp_rank=dp_rank, dp_group=None, world_size=1,
+                           device=torch.device("cpu"))
+
+
+EVAL = {"eval tokens": 100.0, "accuracy": 0.25, "ppl tau=1": 1650.0, "ece tau=1": 0.3,
+        "ppl tempnet": 54.0, "ece tempnet": 0.05, "tau mean": 2.7, "best T": 2.5,
+        "ppl best T": 50.0, "ece best T": 0.02,
+        "tau histogram": {"edges": [0.5, 2.75, 5.0], "counts": [30.0, 70.0]},
+        "temperature grid": [[1.0, 1650.0, 0.3], [2.5, 50.0, 0.02]]}
+
+
+def train_dict():
+    reduced = {"lm loss": 3.0, "dro loss": 1.5, "tempered ce": 2.0, "tau": 2.7, "tau min": 0.6,
+               "tau max": 4.9}
+    return train_metrics(reduced, lr=1e-3, grad_norm=0.5, elapsed_s=2.0, iterations=4,
+                         tokens_per_iteration=1000, flops_per_token=1e9, world_size=2,
+                         peak=1e12, device=torch.device("cpu"))
+
+
+def test_train_metrics_and_console_line():
+    m = train_dict()
+    assert m["tokens/s"] == 2000.0 and m["TFLOP/s/GPU"] == 2000.0 * 1e9 / 2 / 1e12
+    assert math.isclose(m["MFU"], 1.0) and m["ms/iter"] == 500.0
+    assert math.isclose(m["ppl"], math.exp(3.0)) and m["mem rss GiB"] > 0
+    line = format_train_line(8, 100, m)
+    assert line.startswith("iteration      8/100 | lr 1.000e-03 | lm loss 3.0000")
+    assert "tau 2.700 | [0.600, 4.900]" in line and "MFU 100.0%" in line
+    plain = format_train_line(1, 2, {"lm loss": 2.0})
+    assert plain == "iteration      1/2 | lm loss 2.0000"
+
+
+def test_jsonl_records_and_writer_rank(tmp_path):
+    path = tmp_path / "logs" / "metrics.jsonl"
+    cfg = LoggingConfig(metrics_jsonl=str(path))
+    with MetricsLogger(cfg, ctx_at()) as logger:
+        logger.log_train(10, train_dict())
+        logger.log_train(20, {**train_dict(), "lm loss": float("nan")})
+        logger.log_eval(20, EVAL)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["split"], r["iteration"]) for r in lines] == [("train", 10), ("train", 20),
+                                                            ("valid", 20)]
+    assert lines[0]["lm loss"] == 3.0 and lines[0]["lr"] == 1e-3 and "MFU" in lines[0]
+    assert lines[1]["lm loss"] == "nan"  # strict JSON
+    assert lines[2]["ppl tempnet"] == 54.0 and lines[2]["tau histogram"]["counts"] == [30, 70]
+    # only the last stage's tp 0 / dp 0 rank writes
+    assert is_writer_rank(ctx_at(pp_rank=1, pp_size=2))
+    for other in (ctx_at(pp_rank=0, pp_size=2), ctx_at(tp_rank=1), ctx_at(dp_rank=1)):
+        assert not is_writer_rank(other)
+        other_path = tmp_path / f"other{id(other)}.jsonl"
+        with MetricsLogger(LoggingConfig(metrics_jsonl=str(other_path)), other) as logger:
+            logger.log_train(1, train_dict())
+        assert not other_path.exists()
+
+
+def test_tensorboard_event_file_readable(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    with MetricsLogger(LoggingConfig(tensorboard_dir=str(tb)), ctx_at()) as logger:
+        logger.log_train(10, train_dict())
+        logger.log_train(20, train_dict())
+        logger.log_eval(20, EVAL)
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "histograms": 0}).Reload()
+    tags = acc.Tags()
+    for name in ("train/lm_loss", "train/lr", "train/tau_min", "train/grad_norm",
+                 "train/TFLOP/s/GPU", "train/MFU", "train/mem_rss_GiB", "valid/ppl_tau_1",
+                 "valid/ppl_tempnet", "valid/ece_best_T", "valid/best_T"):
+        assert name in tags["scalars"], (name, tags["scalars"])
+    assert [e.step for e in acc.Scalars("train/lm_loss")] == [10, 20]
+    assert acc.Scalars("valid/ppl_tempnet")[0].value == pytest.approx(54.0)
+    hist = acc.Histograms("valid/tau")[0]
+    assert hist.step == 20 and hist.histogram_value.num == 100.0
+    assert list(hist.histogram_value.bucket) == [30.0, 70.0]
+
+
+def test_tau_histogram_and_config_errors():
+    tau = torch.tensor([0.5, 1.0, 4.99, 5.0, 3.0])
+    mask = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
+    counts = tau_histogram(tau, mask, 0.5, 5.0, bins=3)
+    assert counts.tolist() == [2.0, 0.0, 2.0]
+    with pytest.raises(ConfigError, match="peak-tflops"):
+        LoggingConfig(peak_tflops=-1.0).validate()
+
+
+@dataclass
+class _State:
+    iteration: int
+
+
+def test_metrics_callback_logs_on_interval(tmp_path):
+    path = tmp_path / "m.jsonl"
+    train_cfg = SimpleNamespace(log_interval=2, train_iters=5, global_batch_size=4, seq_length=8)
+    logger = MetricsLogger(LoggingConfig(metrics_jsonl=str(path)), ctx_at())
+    cb = MetricsCallback(logger, train_cfg, ctx_at(), flops_per_token=1e6, peak=None)
+    reports = [{"lm loss": torch.tensor([6.0, 3.0])}]
+    for it in range(1, 6):
+        cb(_State(it), SimpleNamespace(reports=reports, lr=0.1, grad_norm=1.0))
+    logger.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [2, 4, 5]
+    assert lines[0]["lm loss"] == 2.0 and "MFU" not in lines[0] and lines[0]["tokens/s"] > 0
