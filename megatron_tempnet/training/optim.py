@@ -41,26 +41,54 @@ def build_optimizer(model_chunks: list, train: TrainConfig, *, use_distributed_o
     return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
 
 
+def is_tempnet_param(param) -> bool:
+    return getattr(param, TEMPNET_PARAM_ATTR, False)
+
+
+def is_lm_no_decay(param, name: str) -> bool:
+    """megatron's classic rule, LM only: no weight decay on biases and 1-D parameters."""
+    return (param.dim() == 1 or name.endswith(".bias")) and not is_tempnet_param(param)
+
+
+def tempnet_group_options(train: TrainConfig, tempnet_cfg) -> dict:
+    """TempNet's group: its own lr (constant, or the LM's schedule scaled) and weight decay."""
+    t = tempnet_cfg
+    group = {"start_wd": t.weight_decay, "end_wd": t.weight_decay, "wd_mult": 1.0,
+             "max_lr": t.lr, "is_decoupled_lr": True}
+    if t.lr_schedule == "constant":
+        group.update(min_lr=t.lr, constant_lr=t.lr)
+    else:  # "lm": the LM's schedule scaled so that its peak is TempNet's lr
+        group.update(min_lr=t.lr * train.min_lr / train.lr if train.lr else 0.0)
+    return group
+
+
 def param_group_overrides(train: TrainConfig, tempnet_cfg) -> dict:
     """megatron-core config_overrides: the LM's no-decay rule and TempNet's own group."""
     from megatron.core.optimizer import ParamKey, ParamWithNamePredicate
 
-    def is_tempnet(param) -> bool:
-        return getattr(param, TEMPNET_PARAM_ATTR, False)
-
-    # megatron's classic rule (no weight decay on biases and 1-D parameters), LM only
-    lm_no_decay = ParamWithNamePredicate(
-        name="lm_bias_or_1d", fn=lambda p, name: (p.dim() == 1 or name.endswith(".bias"))
-        and not is_tempnet(p))
-    t = tempnet_cfg
-    tempnet_group = {"start_wd": t.weight_decay, "end_wd": t.weight_decay, "wd_mult": 1.0,
-                     "max_lr": t.lr, "is_decoupled_lr": True}
-    if t.lr_schedule == "constant":
-        tempnet_group.update(min_lr=t.lr, constant_lr=t.lr)
-    else:  # "lm": the LM's schedule scaled so that its peak is TempNet's lr
-        tempnet_group.update(min_lr=t.lr * train.min_lr / train.lr if train.lr else 0.0)
+    lm_no_decay = ParamWithNamePredicate(name="lm_bias_or_1d", fn=is_lm_no_decay)
     return {ParamKey(with_name_predicate=lm_no_decay): {"wd_mult": 0.0},
-            ParamKey(attr=TEMPNET_PARAM_ATTR): tempnet_group}
+            ParamKey(attr=TEMPNET_PARAM_ATTR): tempnet_group_options(train, tempnet_cfg)}
+
+
+def torch_param_groups(model: torch.nn.Module, train: TrainConfig, tempnet_cfg=None) -> list:
+    """The parameter groups megatron-core builds from :func:`param_group_overrides`, for a plain
+    torch optimizer (DeepSpeed's engine takes one): LM with decay, LM without decay (biases and
+    1-D), TempNet's own group; each carries the keys :class:`Scheduler` reads (max_lr, min_lr,
+    wd_mult, constant_lr, ...). Frozen parameters are in no group; empty groups are dropped."""
+    defaults = {"wd_mult": 1.0, "lr_mult": 1.0, "is_decoupled_lr": False,
+                "max_lr": train.lr, "min_lr": train.min_lr}
+    groups = {"lm": {**defaults, "params": [], "default_config": True},
+              "lm_no_decay": {**defaults, "params": [], "default_config": True, "wd_mult": 0.0},
+              "tempnet": {**defaults, "params": [], "default_config": False,
+                          **(tempnet_group_options(train, tempnet_cfg) if tempnet_cfg else {})}}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = ("tempnet" if is_tempnet_param(param) and tempnet_cfg is not None else
+               "lm_no_decay" if is_lm_no_decay(param, name) else "lm")
+        groups[key]["params"].append(param)
+    return [g for g in groups.values() if g["params"]]
 
 
 class Scheduler(OptimizerParamScheduler):

@@ -1,0 +1,312 @@
+"""DeepSpeed ZeRO-1/2 as the second engine around the same megatron-core model stage.
+
+What changes against the megatron-core path (training/ddp.py + training/optim.py + the
+schedules in training/step.py), and what does not:
+
+| | megatron-core path | DeepSpeed path (this module) |
+|---|---|---|
+| model | GPTModel / TempNetGPTModel stage | the same module, unwrapped |
+| data parallelism | megatron-core DDP (+ distributed optimizer) | ZeRO stage 1 or 2 (``--deepspeed_config``) |
+| tensor parallelism | megatron-core layers | the same; DeepSpeed learns the groups from :class:`MegatronMPU` |
+| pipeline parallelism | megatron-core schedules | not supported (PP=1 only, a clear error) |
+| optimizer | megatron-core Adam (torch AdamW without apex/TE) | torch AdamW from our side, same groups (``optim.torch_param_groups``) |
+| lr / wd schedule | ``optim.Scheduler`` | the same ``optim.Scheduler`` on the AdamW groups |
+| loss | sum over tokens / global token count | the same (see :func:`deepspeed_train_step`) |
+
+The DeepSpeed JSON holds what only DeepSpeed knows (ZeRO stage, buckets, overlap); the training
+flags stay the source of truth for batch sizes, clipping and precision. A JSON value may be
+``"auto"`` (or absent): it is filled from the flags. An explicit value must agree with them, or
+:func:`resolve_deepspeed_config` raises an error naming the key, the flag and the fix. An
+``optimizer`` or ``scheduler`` section is refused: ours are passed in (DeepSpeed would otherwise
+JIT-compile FusedAdam, and its schedules do not know TempNet's constant-lr group).
+
+CPU runs (gloo): DeepSpeed's CPU accelerator would JIT-compile a shared-memory all-reduce op on
+first use (~45 s, a C++ toolchain needed). :func:`build_deepspeed_engine` marks it incompatible
+(``deepspeed.ops.__compatible_ops__``, the documented cache of the op probe) unless
+``cpu_shm_allreduce=True``; collectives then go through torch.distributed (gloo).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_tempnet.config import ConfigError, TrainConfig
+from megatron_tempnet.parallel.runtime import ParallelContext
+from megatron_tempnet.training.step import global_metrics, masked_sum_loss
+
+ZERO_STAGES = (1, 2)
+AUTO = "auto"
+
+
+@dataclass
+class DeepSpeedConfig:
+    """``--deepspeed`` and ``--deepspeed_config`` (Megatron-DeepSpeed's spelling, underscore)."""
+
+    deepspeed: bool = False
+    deepspeed_config: str | None = None
+
+    def validate(self) -> "DeepSpeedConfig":
+        if self.deepspeed and not self.deepspeed_config:
+            raise ConfigError("--deepspeed needs --deepspeed_config <file.json> "
+                              "(e.g. configs/deepspeed/zero1.json)")
+        if self.deepspeed_config and not self.deepspeed:
+            raise ConfigError(f"--deepspeed_config {self.deepspeed_config} is given without "
+                              "--deepspeed: add --deepspeed to train with DeepSpeed, or drop "
+                              "--deepspeed_config")
+        if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
+            raise ConfigError(f"--deepspeed_config {self.deepspeed_config}: no such file")
+        return self
+
+
+def deepspeed_available() -> bool:
+    """Whether deepspeed is installed (without importing it: the import takes ~4 s)."""
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# The DeepSpeed JSON against the training flags
+# ---------------------------------------------------------------------------------------------
+
+def _settle(ds: dict, path: tuple, want, flag: str, source: str):
+    """Fill ``ds[path]`` with ``want`` when absent or "auto"; else check that it equals it."""
+    *parents, key = path
+    node = ds
+    for p in parents:
+        node = node.setdefault(p, {})
+    have = node.get(key, AUTO)
+    if have == AUTO:
+        node[key] = want
+    elif have != want:
+        raise ConfigError(
+            f"{source}: {'.'.join(path)} = {have!r} disagrees with {flag} (which gives {want!r}); "
+            f"the training flags are the source of truth: set it to \"auto\" (or {want!r}) in "
+            f"the JSON, or change {flag}")
+
+
+def resolve_deepspeed_config(config: str | Path | dict, train: TrainConfig,
+                             dp_size: int) -> dict:
+    """The DeepSpeed config dict for these flags: "auto" values filled, explicit ones checked.
+
+    Batch sizes: train_micro_batch_size_per_gpu = --micro-batch-size; train_batch_size =
+    --global-batch-size; gradient_accumulation_steps = global / (micro x data-parallel size),
+    the number of micro-batches per step as in the megatron-core path. Also gradient_clipping =
+    --clip-grad, bf16.enabled / fp16.enabled from --precision. ZeRO stage must be 1 or 2.
+    """
+    if isinstance(config, dict):
+        ds, source = copy.deepcopy(config), "DeepSpeed config"
+    else:
+        source = f"--deepspeed_config {config}"
+        try:
+            ds = json.loads(Path(config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{source}: cannot read a JSON object ({e})") from e
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(
+                f"{source}: remove the {section!r} section; megatron-tempnet passes its own "
+                f"{'AdamW (from --lr, --weight-decay, --adam-*)' if section == 'optimizer' else 'lr schedule (--lr-decay-style, --lr-warmup-iters, ...)'}"
+                " so that TempNet keeps its own parameter group")
+    train.validate(dp_size)
+    _settle(ds, ("train_micro_batch_size_per_gpu",), train.micro_batch_size,
+            "--micro-batch-size", source)
+    _settle(ds, ("train_batch_size",), train.global_batch_size, "--global-batch-size", source)
+    _settle(ds, ("gradient_accumulation_steps",), train.num_microbatches(dp_size),
+            f"--global-batch-size / (--micro-batch-size x data-parallel size {dp_size})", source)
+    _settle(ds, ("gradient_clipping",), float(train.clip_grad), "--clip-grad", source)
+    _settle(ds, ("bf16", "enabled"), train.precision == "bf16", "--precision", source)
+    _settle(ds, ("fp16", "enabled"), train.precision == "fp16", "--precision", source)
+    stage = ds.setdefault("zero_optimization", {}).setdefault("stage", 1)
+    if stage not in ZERO_STAGES:
+        raise ConfigError(f"{source}: zero_optimization.stage = {stage!r}; megatron-tempnet "
+                          f"supports ZeRO stages {ZERO_STAGES} (stage 3 partitions parameters, "
+                          "which megatron-core's tensor-parallel layers do not expect)")
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed's view of the process groups
+# ---------------------------------------------------------------------------------------------
+
+class MegatronMPU:
+    """The ``mpu`` object DeepSpeed reads process groups from, answered by a ParallelContext.
+
+    DeepSpeed (0.19.x) calls the model-parallel getters (grad-norm reduction over tensor
+    parallelism, counting replicated parameters on model-parallel rank 0 only), the
+    data-parallel getters (ZeRO partitioning and gradient averaging), the tensor-parallel
+    getters (``deepspeed.utils.bwc``) and the pipeline size. With PP=1 the model-parallel group
+    is the tensor-parallel group.
+    """
+
+    def __init__(self, ctx: ParallelContext):
+        if ctx.pp_size != 1:
+            raise ConfigError(f"--deepspeed supports --pipeline-model-parallel-size 1 only, got "
+                              f"{ctx.pp_size}: megatron-core's pipeline schedules run under its "
+                              "own DDP, not under DeepSpeed's engine; drop --deepspeed to use "
+                              "pipeline parallelism, or use tensor/data parallelism")
+        self.ctx = ctx
+
+    # model parallel (= tensor parallel at PP=1)
+    def get_model_parallel_rank(self) -> int:
+        return self.ctx.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ctx.tp_size
+
+    def get_model_parallel_group(self):
+        return self.ctx.tp_group
+
+    # tensor parallel
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.ctx.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.ctx.tp_size
+
+    def get_tensor_model_parallel_group(self):
+        return self.ctx.tp_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return dist.get_process_group_ranks(self.ctx.tp_group)[0]
+
+    # data parallel
+    def get_data_parallel_rank(self) -> int:
+        return self.ctx.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ctx.dp_size
+
+    def get_data_parallel_group(self):
+        return self.ctx.dp_group
+
+    def get_data_parallel_group_ranks(self) -> list:
+        return dist.get_process_group_ranks(self.ctx.dp_group)
+
+    # pipeline parallel (always 1 here)
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_group(self):
+        return self.ctx.pp_group
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine and step
+# ---------------------------------------------------------------------------------------------
+
+def _disable_cpu_shm_allreduce() -> None:
+    """Keep DeepSpeed's CPU accelerator from JIT-building its shared-memory all-reduce op."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+@contextlib.contextmanager
+def _scalar_params_broadcast_by_us(model: torch.nn.Module, ctx: ParallelContext):
+    """DeepSpeed 0.19.8's engine broadcasts every parameter from the first data-parallel rank
+    as ``p.data.view(torch.uint8)``, which fails for 0-d parameters (TempNet's pool_scale and
+    pool_c). Those are broadcast here instead (torch.distributed handles 0-d tensors), and
+    DeepSpeed is told to skip them through the marker its engine checks for parameters it
+    must not broadcast (``ds_optim_param``; read elsewhere only with LoRA offload), removed
+    again once the engine is built."""
+    scalars = [p for p in model.parameters() if p.dim() == 0]
+    if ctx.dp_size > 1:
+        src = dist.get_process_group_ranks(ctx.dp_group)[0]
+        for p in scalars:
+            dist.broadcast(p.data, src=src, group=ctx.dp_group)
+    for p in scalars:
+        p.ds_optim_param = True
+    try:
+        yield
+    finally:
+        for p in scalars:
+            del p.ds_optim_param
+
+
+def build_deepspeed_engine(model: torch.nn.Module, train: TrainConfig, ctx: ParallelContext,
+                           deepspeed_config: str | Path | dict, *, tempnet_cfg=None,
+                           cpu_shm_allreduce: bool = False, log_level: int = logging.WARNING):
+    """Wrap this rank's model stage in a DeepSpeed engine (ZeRO 1/2); returns
+    ``(engine, scheduler)``.
+
+    The optimizer is torch AdamW over ``optim.torch_param_groups`` (LM decay / no decay /
+    TempNet's own group), with --adam-beta1/2, --adam-eps; the scheduler is ``optim.Scheduler``
+    on those groups (call ``scheduler.step(increment=1)`` after each step, as the megatron-core
+    loop does). ``log_level`` is applied to DeepSpeed's logger (its INFO level prints the whole
+    config on every rank).
+    """
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    # imported here: DeepSpeedConfig (this module) is read by the argument parser, which must
+    # not pay for importing megatron-core
+    from megatron_tempnet.training.optim import build_scheduler, torch_param_groups
+
+    mpu = MegatronMPU(ctx)  # refuses PP > 1
+    ds_config = resolve_deepspeed_config(deepspeed_config, train, ctx.dp_size)
+    ds_logger.setLevel(log_level)
+    if not cpu_shm_allreduce:
+        _disable_cpu_shm_allreduce()
+    groups = torch_param_groups(model, train, tempnet_cfg)
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay,
+                                  betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps)
+    with _scalar_params_broadcast_by_us(model, ctx):
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
+                                               config=ds_config, dist_init_required=False)
+    # The scheduler steps the base optimizer's groups: ZeRO keeps those dicts (their params
+    # replaced by the flat fp32 partitions), so lr and weight decay reach the update.
+    scheduler = build_scheduler(optimizer, train)
+    return engine, scheduler
+
+
+def deepspeed_train_step(engine, batches, num_microbatches: int) -> dict:
+    """One optimizer step over ``num_microbatches`` micro-batches of this DP rank.
+
+    Same objective as the megatron-core path: sum of per-token losses over the global batch
+    divided by the global (loss-mask weighted) token count N. DeepSpeed averages gradients over
+    the D data-parallel ranks (ZeRO's reduce divides by D) and, with ``scale_wrt_gas``, divides
+    each micro-batch loss by the accumulation steps. So N is counted first (one all-reduce of
+    the masks' sums over data-parallel ranks) and each micro-batch backpropagates
+    ``loss_sum * D / N`` with ``scale_wrt_gas=False``: the reduced gradient is then exactly
+    d(sum / N).
+
+    Returns the same dict as ``training.step.global_metrics`` ("lm loss", and with the DRO
+    loss "dro loss", "tempered ce", "tau", "tau min", "tau max"; 0-d tensors), reduced over
+    data-parallel ranks. The step's grad norm is ``engine.get_global_grad_norm()``.
+    """
+    gas = engine.gradient_accumulation_steps()
+    if num_microbatches != gas:
+        raise ConfigError(f"{num_microbatches} micro-batches per step, but the DeepSpeed engine "
+                          f"accumulates {gas}: build the engine with the same --global-batch-size "
+                          "and --micro-batch-size")
+    mpu = engine.mpu
+    dp_group, dp_size = mpu.get_data_parallel_group(), mpu.get_data_parallel_world_size()
+    micro = [next(batches) for _ in range(num_microbatches)]
+    device = engine.device
+    num_tokens = sum(b["loss_mask"].float().sum() for b in micro).to(device)  # 0-d
+    if dp_size > 1:
+        dist.all_reduce(num_tokens, group=dp_group)
+    scale = dp_size / num_tokens.clamp(min=1)
+
+    reports = []
+    for batch in micro:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        output = engine(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        loss_sum, _, report = masked_sum_loss(batch["loss_mask"], output)
+        engine.backward(loss_sum * scale, scale_wrt_gas=False)
+        engine.step()  # updates at the accumulation boundary (the last micro-batch) only
+        reports.append(report)
+    return global_metrics(reports, dp_group if dp_size > 1 else None)
