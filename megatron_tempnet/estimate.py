@@ -1,0 +1,434 @@
+"""Parameters, memory per GPU and FLOPs per step of a run layout (``tools/estimate.py``).
+
+Everything here is arithmetic on the configuration dataclasses (no torch, no megatron-core), so
+it answers "does this layout fit in 80 GB?" before a job is queued. What is exact and what is a
+model (tests/unit/test_estimate.py checks the exact parts against built models):
+
+* Parameters: exact for megatron-core's ``GPTModel`` as ``models.gpt.build_model`` builds it
+  (local or Transformer Engine spec: the same tensors), per TP rank and PP stage, with the
+  vocabulary padded to a multiple of ``make_vocab_size_divisible_by x TP`` (so the count depends
+  on TP), grouped-query attention, SwiGLU, tied/untied output layer (a tied output layer under
+  PP > 1 is a second copy on the last stage), and TempNet's head (tempnet/head.py:
+  w1 [M, V/tp], b1 [M], w2 [M, M], b2 [M], pool_scale [], pool_w [M], pool_c []).
+* Weights, gradients, optimizer states: exact bytes per parameter for megatron-core's DDP and
+  optimizers as ``training/ddp.py`` / ``training/optim.py`` configure them (gradients reduced in
+  fp32, so 4 bytes each; Adam moments in fp32; an fp32 master copy when the parameters are 16-bit;
+  states divided by the data-parallel size with the distributed optimizer). DDP bucket padding
+  (a few hundred elements) is ignored.
+* Activations: a model, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+  Transformer Models"), sbh(34 + 5as/h) bytes per layer for GPT with dropout, generalised term by
+  term to grouped-query attention, SwiGLU, no dropout and flash attention (see
+  :func:`layer_activation_bytes`); with TP/SP divisions, selective or full recomputation, and the
+  1F1B pipeline's in-flight micro-batches. Plus the last stage's logits/loss/TempNet tensors.
+  Allocator fragmentation, NCCL buffers, the CUDA context and workspaces are one ``reserve``.
+* FLOPs: matmul FLOPs as Megatron-LM counts them (attention over the full s x s square), forward
+  + 2x backward, + 1 forward with full recomputation; TempNet's W1 has no input gradient
+  (its input is detached), so it costs 2 x forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_tempnet.config import ConfigError, ModelConfig
+
+GiB = 1024**3
+PARAM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+H100_MEMORY_GIB = 81559 / 1024  # H100 SXM "80 GB": 81,559 MiB as nvidia-smi reports it
+H100_BF16_DENSE_TFLOPS = 989.0
+RECOMPUTE = ("none", "selective", "full")
+# What megatron-core's layers keep beyond the ideal per-layer count, measured on the CPU for the
+# local spec + SDPA (tests/unit/test_estimate.py: 1.37x for tiny LLaMA): RoPE'd copies of Q and
+# K keep the fused QKV output alive, unfused SwiGLU keeps a third [s, b, f] tensor, reshapes keep
+# [s, b, h] copies. Transformer Engine's layers are not measured (no GPU here): the margin is
+# applied to every layer's activations in the memory estimate.
+ACTIVATION_MARGIN = 1.4
+ATTENTION = ("flash", "unfused")
+
+
+@dataclass
+class Layout:
+    """How one run is laid out over GPUs (the knobs of docs/parallel_layouts.md)."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    seq_length: int = 4096
+    precision: str = "bf16"
+    distributed_optimizer: bool = True
+    sequence_parallel: bool = False
+    recompute: str = "none"  # "none" | "selective" (attention scores) | "full" (every layer)
+    attention: str = "flash"  # "flash" (TE / flash-attn on GPU) | "unfused" (local spec, CPU)
+
+    def validate(self, model: ModelConfig) -> "Layout":
+        if self.recompute not in RECOMPUTE:
+            raise ConfigError(f"--recompute {self.recompute!r}: choose one of {RECOMPUTE}")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"--attention {self.attention!r}: choose one of {ATTENTION}")
+        if self.precision not in PARAM_BYTES:
+            raise ConfigError(f"--precision {self.precision!r}: choose one of "
+                              f"{list(PARAM_BYTES)}")
+        if self.global_batch_size % (self.micro_batch_size * self.dp):
+            raise ConfigError(
+                f"--global-batch-size {self.global_batch_size} is not divisible by "
+                f"--micro-batch-size {self.micro_batch_size} x data-parallel size {self.dp}")
+        model.validate(self.tp, self.pp)
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+
+# ----------------------------------------------------------------------------------- parameters
+@dataclass
+class ParamCount:
+    """Parameter counts of the whole model (unique tensors) and of each (PP stage, TP rank)."""
+
+    embedding: int
+    position_embedding: int
+    per_layer: int
+    layers: int
+    final_norm: int
+    output_layer: int  # 0 when tied (PP = 1)
+    tempnet: int
+    total: int  # unique parameters of the full model (TP = PP = 1 view, padded vocabulary)
+    padded_vocab_size: int
+    per_stage_rank: list = field(default_factory=list)  # [stage] -> params on one TP rank
+    trainable_per_stage_rank: list = field(default_factory=list)
+
+
+def _norm_params(cfg: ModelConfig) -> int:
+    return cfg.hidden_size * (1 if cfg.family == "llama" else 2)  # RMSNorm w | LayerNorm w, b
+
+
+def layer_params(cfg: ModelConfig, tp: int = 1) -> tuple[int, int]:
+    """(parameters of one transformer layer on one TP rank, of which replicated over TP)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, 2 * cfg.num_query_groups * d
+    gated, bias = cfg.family == "llama", cfg.family == "gpt"
+    fc1_out = cfg.ffn_hidden_size * (2 if gated else 1)
+    split = (h * (q + kv) + (q + kv) * bias  # linear_qkv (column-parallel, bias split)
+             + q * h  # linear_proj (row-parallel)
+             + h * fc1_out + fc1_out * bias  # linear_fc1 (column-parallel)
+             + cfg.ffn_hidden_size * h)  # linear_fc2 (row-parallel)
+    replicated = 2 * _norm_params(cfg) + (h + h) * bias  # 2 norms; row-parallel biases
+    return split // tp + replicated, replicated
+
+
+def tempnet_params(m: int, vocab: int, tp: int = 1) -> int:
+    """TempNet head (tempnet/head.py PARAM_NAMES): w1 [M, V/tp], b1 [M], w2 [M, M], b2 [M],
+    pool_scale [], pool_w [M], pool_c [] = M*V/tp + M + M*M + M + M + 2."""
+    return m * vocab // tp + m + m * m + m + m + 2
+
+
+def count_parameters(cfg: ModelConfig, tempnet=None, tp: int = 1, pp: int = 1) -> ParamCount:
+    """Exact parameter counts; ``tempnet`` is a TempNetConfig (None or loss_mode without
+    TempNet: no head). The vocabulary is padded for ``tp`` as the trainer pads it."""
+    cfg.validate(tp, pp)
+    v = cfg.padded_vocab_size(tp)
+    h, L = cfg.hidden_size, cfg.num_layers
+    uses_tempnet = tempnet is not None and tempnet.uses_tempnet
+    frozen = uses_tempnet and tempnet.training_mode == "frozen_lm"
+    emb = v * h
+    pos = cfg.max_position_embeddings * h if cfg.family == "gpt" else 0
+    per_layer_full, _ = layer_params(cfg, 1)
+    final_norm = _norm_params(cfg)
+    output = 0 if cfg.tie_embeddings else v * h
+    tn = tempnet_params(tempnet.hidden_size, v) if uses_tempnet else 0
+    total = emb + pos + L * per_layer_full + final_norm + output + tn
+
+    per_layer_rank, _ = layer_params(cfg, tp)
+    stages, trainable = [], []
+    for stage in range(pp):
+        first, last = stage == 0, stage == pp - 1
+        n = per_layer_rank * (L // pp)
+        if first:
+            n += emb // tp + pos
+        if last:
+            n += final_norm
+            if not cfg.tie_embeddings or pp > 1:  # tied + PP>1: the last stage holds a copy
+                n += emb // tp
+        tn_rank = tempnet_params(tempnet.hidden_size, v, tp) if (uses_tempnet and last) else 0
+        stages.append(n + tn_rank)
+        trainable.append(tn_rank if frozen else n + tn_rank)
+    return ParamCount(embedding=emb, position_embedding=pos, per_layer=per_layer_full,
+                      layers=L * per_layer_full, final_norm=final_norm, output_layer=output,
+                      tempnet=tn, total=total, padded_vocab_size=v, per_stage_rank=stages,
+                      trainable_per_stage_rank=trainable)
+
+
+# ------------------------------------------------------------------------------- state memory
+def state_bytes_per_param(precision: str, dp: int, distributed_optimizer: bool) -> dict:
+    """Bytes per trainable parameter (weights for every parameter) as megatron-core keeps them.
+
+    weights: the parameter dtype. gradients: ``main_grad`` buffers in fp32 (training/ddp.py,
+    grad_reduce_in_fp32). optimizer: Adam exp_avg + exp_avg_sq in fp32 (8), plus an fp32 master
+    copy (4) when the parameters are 16-bit; divided by DP with the distributed optimizer.
+    """
+    opt = 8 + (4 if PARAM_BYTES[precision] < 4 else 0)
+    return {"weights": PARAM_BYTES[precision], "gradients": 4,
+            "optimizer": opt / dp if distributed_optimizer else opt}
+
+
+# -------------------------------------------------------------------------------- activations
+def layer_activation_bytes(cfg: ModelConfig, layout: Layout) -> dict:
+    """Stored activations of one transformer layer for one micro-batch on one GPU (bytes).
+
+    Korthikanti et al. 2022, Sec. 4, counts 16-bit tensors saved for the backward (per layer,
+    s tokens x b sequences, hidden h, a heads, TP t):
+        attention: 11sbh + 5as^2b   (LN/QKV input 2, Q and K 4, V 2, softmax 2as^2b, its dropout
+                                     mask as^2b and output 2as^2b, projection input 2, mask 1)
+        MLP:       19sbh            (input 2, GeLU input 8, GeLU output 8, dropout mask 1)
+        norms:      4sbh
+    = sbh(34 + 5as/h). Without SP the norm/QKV/fc1 inputs and dropout masks (10sbh) are
+    replicated on every TP rank and the rest is divided by t; with SP everything is divided by t.
+    Generalised here, term by term: K and V scale with query groups / heads (GQA; flash only,
+    megatron-core's unfused attention expands them to every head); the MLP keeps
+    4 x [s, b, f] tensors for SwiGLU (fc1 output holding gate and up, silu(gate), their product)
+    and 2 x [s, b, f] for GeLU; dropout masks exist only with dropout > 0; "flash" attention keeps
+    no s x s tensor (only the fp32 log-sum-exp [a, s, b]); selective recomputation drops the s x s
+    terms; the tensors scale with the activation dtype (fp32 doubles them).
+    Returns {"replicated", "split", "scores", "total"} in bytes.
+    """
+    s, b, h = layout.seq_length, layout.micro_batch_size, cfg.hidden_size
+    a, d, g, f = cfg.num_attention_heads, cfg.head_dim, cfg.num_query_groups, cfg.ffn_hidden_size
+    e = PARAM_BYTES[layout.precision] / 2  # activation bytes per element / 2
+    sb = s * b
+    hid_masks = 2 * sb * h if cfg.hidden_dropout > 0 else 0  # 1-byte masks after proj and fc2
+    replicated = e * 2 * sb * h * 4 + hid_masks  # attn norm in, qkv in, mlp norm in, fc1 in
+    q = a * d
+    # K and V: [s, b, g, d] each with flash attention (GQA native); megatron-core's unfused
+    # DotProductAttention repeat_interleaves them to all a heads before its matmuls.
+    kv = 2 * (g if layout.attention == "flash" else a) * d
+    mlp = e * 2 * sb * f * (4 if cfg.family == "llama" else 2)
+    split = e * 2 * sb * (q + kv) + e * 2 * sb * q + mlp  # Q, K, V; proj input; MLP
+    if layout.attention == "flash":
+        scores = 4 * a * s * b  # fp32 log-sum-exp per head and token
+    else:
+        per = 2 * e + (1 + 2 * e if cfg.attention_dropout > 0 else 0)  # softmax (+mask, +out)
+        scores = per * a * s * s * b
+        if layout.recompute == "selective":
+            scores = 0
+    t = layout.tp
+    rep = replicated / t if layout.sequence_parallel else replicated
+    total = rep + split / t + scores / t
+    return {"replicated": rep, "split": split / t, "scores": scores / t, "total": total}
+
+
+def activation_bytes(cfg: ModelConfig, layout: Layout, tempnet=None,
+                     margin: float = ACTIVATION_MARGIN) -> dict:
+    """Activations on the first and the last pipeline stage (the two extremes), in bytes.
+
+    1F1B keeps min(pp - stage, num_microbatches) micro-batches in flight on a stage (the first
+    stage holds pp of them, the last one); each holds L/pp layers. Full recomputation keeps only
+    each layer's input (2sbh, / t with SP) and rematerialises one layer at a time in the
+    backward. With a frozen LM nothing upstream of TempNet needs a gradient, so the LM keeps no
+    activations (one layer's forward working set at a time). The last stage adds the output
+    layer's and final norm's inputs and the loss (``loss_and_tempnet``): CE keeps the fp32
+    softmax [s, b, V/t] (megatron-core's vocab-parallel CE); the DRO loss keeps p_tau
+    [s, b, V/t] fp32 (not when the LM is frozen); TempNet keeps an fp32 copy of the logits
+    [s, b, V/t] for W1's gradient and ~8 [s, b, M] fp32 tensors; the loss forward also holds the
+    logits, z in fp32 and z/tau at its peak.
+    """
+    s, b, h, t = layout.seq_length, layout.micro_batch_size, cfg.hidden_size, layout.tp
+    e = PARAM_BYTES[layout.precision] / 2
+    per_layer = margin * layer_activation_bytes(cfg, layout)["total"]
+    layers = cfg.num_layers // layout.pp
+    uses_tempnet = tempnet is not None and tempnet.uses_tempnet
+    frozen = uses_tempnet and tempnet.training_mode == "frozen_lm"
+    hidden = e * 2 * s * b * h / (t if layout.sequence_parallel else 1)  # one [s, b, h] tensor
+    if frozen:
+        stored, working = 0.0, per_layer
+    elif layout.recompute == "full":
+        stored, working = layers * hidden, per_layer
+    else:
+        stored, working = layers * per_layer, 0.0
+    in_flight_first = min(layout.pp, layout.num_microbatches)
+
+    logits = s * b * cfg.padded_vocab_size(t) // t  # elements of one [s, b, V/t] tensor
+    loss_mode = "ce" if tempnet is None else tempnet.loss_mode
+    loss_saved = 0 if frozen else 4 * logits  # fp32 softmax (CE) or p_tau (DRO)
+    tempnet_saved = 4 * logits + 4 * 8 * s * b * tempnet.hidden_size if uses_tempnet else 0
+    transient = (2 * e + 4 + (4 if loss_mode != "ce" else 0)) * logits
+    loss_and_tempnet = (0 if frozen else 2 * hidden) + loss_saved + tempnet_saved + transient
+    return {"per_layer": per_layer, "first_stage": in_flight_first * stored + working,
+            "last_stage": stored + working, "in_flight_first": in_flight_first,
+            "loss_and_tempnet": loss_and_tempnet}
+
+
+# ------------------------------------------------------------------------------------- memory
+@dataclass
+class MemoryEstimate:
+    stage: str  # which stage is the worst ("first", "last", or "only")
+    params: int  # parameters on that GPU
+    trainable: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    loss_and_tempnet: float
+    reserve: float
+    capacity: float
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.gradients + self.optimizer + self.activations
+                + self.loss_and_tempnet + self.reserve)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+
+def estimate_memory(cfg: ModelConfig, layout: Layout, tempnet=None, reserve_gib: float = 4.0,
+                    capacity_gib: float = H100_MEMORY_GIB,
+                    activation_margin: float = ACTIVATION_MARGIN) -> MemoryEstimate:
+    """Memory of the most loaded GPU (first or last pipeline stage, TP rank 0)."""
+    layout.validate(cfg)
+    counts = count_parameters(cfg, tempnet, layout.tp, layout.pp)
+    per = state_bytes_per_param(layout.precision, layout.dp, layout.distributed_optimizer)
+    acts = activation_bytes(cfg, layout, tempnet, activation_margin)
+    candidates = []
+    for stage in sorted({0, layout.pp - 1}):
+        last = stage == layout.pp - 1
+        n, n_train = counts.per_stage_rank[stage], counts.trainable_per_stage_rank[stage]
+        candidates.append(MemoryEstimate(
+            stage="only" if layout.pp == 1 else ("last" if last else "first"),
+            params=n, trainable=n_train, weights=n * per["weights"],
+            gradients=n_train * per["gradients"], optimizer=n_train * per["optimizer"],
+            activations=acts["last_stage"] if last else acts["first_stage"],
+            loss_and_tempnet=acts["loss_and_tempnet"] if last else 0.0,
+            reserve=reserve_gib * GiB, capacity=capacity_gib * GiB))
+    return max(candidates, key=lambda m: m.total)
+
+
+# -------------------------------------------------------------------------------------- FLOPs
+def flops_per_step(cfg: ModelConfig, layout: Layout, tempnet=None) -> dict:
+    """Matmul FLOPs of one optimizer step (global batch), Megatron-LM's way.
+
+    Per token forward: layer = 2h(q + kv) [QKV] + 2qh [proj] + 4sq [QK^T and AV over the full
+    s x s square] + 2h f (3 gated | 2) [MLP]; logits 2hV; TempNet 2MV + 2M^2. Training = 3 x
+    forward for the LM (1 with a frozen LM), 2 x for TempNet's W1 (no input gradient). Hardware
+    FLOPs add the recomputed forward (full: every layer; selective: the attention scores).
+    """
+    s, h, L = layout.seq_length, cfg.hidden_size, cfg.num_layers
+    d, a, g, f = cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size
+    v = cfg.padded_vocab_size(layout.tp)
+    q, kv = a * d, 2 * g * d
+    scores = 4 * s * q
+    layer = 2 * h * (q + kv) + 2 * q * h + scores + 2 * h * f * (3 if cfg.family == "llama" else 2)
+    lm_fwd = L * layer + 2 * h * v
+    frozen = tempnet is not None and tempnet.uses_tempnet and tempnet.training_mode == "frozen_lm"
+    tn = 0
+    if tempnet is not None and tempnet.uses_tempnet:
+        m = tempnet.hidden_size
+        tn = 2 * (2 * m * v) + 3 * (2 * m * m)
+    tokens = layout.global_batch_size * s
+    model = tokens * ((1 if frozen else 3) * lm_fwd + tn)
+    recompute = {"none": 0, "selective": L * scores, "full": L * layer}[layout.recompute]
+    hardware = model + (0 if frozen else tokens * recompute)
+    return {"model": model, "hardware": hardware, "tokens": tokens,
+            "per_token_forward": lm_fwd}
+
+
+# ----------------------------------------------------------------------------------- reporting
+def gib(x: float) -> str:
+    return f"{x / GiB:.1f} GiB"
+
+
+def explain(cfg: ModelConfig, layout: Layout, tempnet=None, name: str = "run",
+            reserve_gib: float = 4.0, capacity_gib: float = H100_MEMORY_GIB,
+            mfu: float = 0.4, peak_tflops: float = H100_BF16_DENSE_TFLOPS,
+            activation_margin: float = ACTIVATION_MARGIN) -> str:
+    """A plain-words report: parameters, memory per GPU term by term, the verdict, FLOPs."""
+    counts = count_parameters(cfg, tempnet, layout.tp, layout.pp)
+    counts1 = count_parameters(cfg, tempnet, 1, 1)
+    mem = estimate_memory(cfg, layout, tempnet, reserve_gib, capacity_gib, activation_margin)
+    acts = activation_bytes(cfg, layout, tempnet, activation_margin)
+    fl = flops_per_step(cfg, layout, tempnet)
+    per = state_bytes_per_param(layout.precision, layout.dp, layout.distributed_optimizer)
+    lay = layout
+    lines = [
+        f"## {name}",
+        f"layout: TP={lay.tp} PP={lay.pp} DP={lay.dp} ({lay.world_size} GPUs), micro-batch "
+        f"{lay.micro_batch_size}, global batch {lay.global_batch_size} "
+        f"({lay.num_microbatches} micro-batches per DP rank per step), seq {lay.seq_length}, "
+        f"{lay.precision}, distributed optimizer {'on' if lay.distributed_optimizer else 'off'}, "
+        f"sequence parallel {'on' if lay.sequence_parallel else 'off'}, recompute "
+        f"{lay.recompute}, attention {lay.attention}",
+        f"parameters: {counts.total:,} at TP={lay.tp} (padded vocabulary "
+        f"{counts.padded_vocab_size}); {counts1.total:,} at TP=1; TempNet head "
+        f"{counts.tempnet:,}",
+        f"most loaded GPU: {'the ' + mem.stage + ' pipeline stage' if lay.pp > 1 else 'every GPU'}"
+        f", {mem.params:,} parameters ({mem.trainable:,} trainable)",
+        f"  weights     {gib(mem.weights):>10}  ({per['weights']} B/param)",
+        f"  gradients   {gib(mem.gradients):>10}  (fp32 main_grad, 4 B/trainable param)",
+        f"  optimizer   {gib(mem.optimizer):>10}  ({per['optimizer']:.2f} B/trainable param: "
+        f"Adam m, v{' + fp32 master' if per['weights'] < 4 else ''}"
+        f"{f' / DP {lay.dp}' if lay.distributed_optimizer else ', not sharded'})",
+        f"  activations {gib(mem.activations):>10}  ("
+        + (f"frozen LM: one layer's forward, {gib(acts['per_layer'])}"
+           if tempnet is not None and tempnet.uses_tempnet
+           and tempnet.training_mode == "frozen_lm" else
+           f"{gib(acts['per_layer'])} per layer per micro-batch incl. x{activation_margin} "
+           f"margin, {cfg.num_layers // lay.pp} layers"
+           + (f" x {acts['in_flight_first']} micro-batches in flight"
+              if mem.stage == "first" else "")) + ")",
+        f"  loss+TempNet{gib(mem.loss_and_tempnet):>10}  (logits/softmax/TempNet input, "
+        f"[s, b, V/t] fp32 tensors)",
+        f"  reserve     {gib(mem.reserve):>10}  (CUDA context, NCCL buffers, fragmentation)",
+        f"  total       {gib(mem.total):>10}  of {gib(mem.capacity)}: "
+        + ("FITS" if mem.fits else "DOES NOT FIT")
+        + f" ({gib(abs(mem.capacity - mem.total))} "
+        + ("headroom)" if mem.fits else "over)"),
+        "why: " + verdict(mem, lay),
+        f"FLOPs per step: {fl['model'] / 1e15:,.1f} PFLOP model, {fl['hardware'] / 1e15:,.1f} "
+        f"PFLOP hardware ({fl['tokens']:,} tokens); at {mfu:.0%} MFU of "
+        f"{peak_tflops:.0f} TFLOP/s per GPU: "
+        f"{fl['model'] / (mfu * peak_tflops * 1e12 * lay.world_size):.2f} s/step, "
+        f"{fl['tokens'] / (fl['model'] / (mfu * peak_tflops * 1e12 * lay.world_size)):,.0f} "
+        f"tokens/s",
+    ]
+    return "\n".join(lines)
+
+
+def verdict(mem: MemoryEstimate, layout: Layout) -> str:
+    """One sentence naming the dominant term and what would change the answer."""
+    terms = {"model states (weights + gradients + optimizer)":
+             mem.weights + mem.gradients + mem.optimizer,
+             "activations": mem.activations + mem.loss_and_tempnet}
+    big = max(terms, key=terms.get)
+    share = terms[big] / mem.total
+    if mem.fits:
+        return (f"{big} dominate ({share:.0%} of the total); the sum stays below the "
+                f"{gib(mem.capacity)} of one GPU.")
+    hint = ("raise TP or PP (fewer parameters per GPU) or DP with the distributed optimizer"
+            if big.startswith("model") else
+            "use sequence parallelism, (full) activation recomputation or a smaller micro-batch")
+    return f"{big} alone take {gib(terms[big])} ({share:.0%}); {hint}."
+
+
+def layout_from_run(run, world_size: int, *, sequence_parallel: bool = False,
+                    recompute: str = "none", attention: str = "flash") -> Layout:
+    """A Layout from a parsed RunConfig (arguments.parse_args) on ``world_size`` GPUs."""
+    tp, pp = run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
+    return Layout(tp=tp, pp=pp, dp=world_size // (tp * pp),
+                  micro_batch_size=run.train.micro_batch_size,
+                  global_batch_size=run.train.global_batch_size,
+                  seq_length=run.train.seq_length, precision=run.train.precision,
+                  distributed_optimizer=run.parallel.use_distributed_optimizer,
+                  sequence_parallel=sequence_parallel, recompute=recompute, attention=attention)
+
+
+__all__ = ["Layout", "ParamCount", "MemoryEstimate", "count_parameters", "layer_params",
+           "tempnet_params", "state_bytes_per_param", "layer_activation_bytes",
+           "activation_bytes", "estimate_memory", "ACTIVATION_MARGIN", "flops_per_step", "explain", "verdict",
+           "layout_from_run", "GiB", "H100_MEMORY_GIB"]

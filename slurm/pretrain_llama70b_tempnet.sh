@@ -1,0 +1,29 @@
+#!/bin/bash
+# LLaMA-2 70B + TempNet/DRO loss from scratch on 16 nodes x 8 H100 (TP=8, PP=4, DP=4).
+#   DATA_PATH=/data/corpus_text_document TOKENIZER_MODEL=/data/llama2.model \
+#   CHECKPOINT_DIR=/ckpt/llama70b-tempnet sbatch slurm/pretrain_llama70b_tempnet.sh [trainer flags]
+# Submit from the repository root (or set REPO_DIR). Without SLURM it runs locally under
+# torchrun; --dry-run prints the command. Layout and memory: docs/parallel_layouts.md.
+#SBATCH --job-name=llama70b-tempnet
+#SBATCH --nodes=16
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=96
+#SBATCH --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@600
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+: "${DATA_PATH:?set DATA_PATH to the dataset prefix(es), e.g. /data/corpus_text_document}"
+: "${TOKENIZER_MODEL:?set TOKENIZER_MODEL to the LLaMA SentencePiece tokenizer.model}"
+: "${CHECKPOINT_DIR:?set CHECKPOINT_DIR to the checkpoint directory (saved to, resumed from)}"
+RUN_CONFIG=${RUN_CONFIG:-configs/runs/llama2-70b-tempnet.yaml}
+SAVE_INTERVAL=${SAVE_INTERVAL:-500}
+
+REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
+# shellcheck source=slurm/common.sh
+source "$REPO_DIR/slurm/common.sh" || { echo "submit from the repository root or set REPO_DIR" >&2; exit 2; }
+launch "$@"
