@@ -23,6 +23,7 @@ MFU = achieved FLOP/s / peak (``training.flops.peak_flops``: 989 TFLOP/s for an 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import platform
@@ -35,18 +36,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from megatron_tempnet.config import TrainConfig, load_model_preset  # noqa: E402
-from megatron_tempnet.models.gpt import build_model  # noqa: E402
+from megatron_tempnet.config import ATTENTION_BACKENDS, TrainConfig, load_model_preset  # noqa: E402,E501
 from megatron_tempnet.training.flops import flops_per_token, peak_flops  # noqa: E402
-from megatron_tempnet.models.specs import CORE_ATTENTION_BACKENDS  # noqa: E402
 from megatron_tempnet.models.tempnet_gpt import (TEMPNET_PARAM_ATTR,  # noqa: E402
-                                                 TempNetGPTModel)
+                                                 build_tempnet_model)
 from megatron_tempnet.parallel import initialize, shutdown  # noqa: E402
 from megatron_tempnet.tempnet import TempNetConfig  # noqa: E402
 from megatron_tempnet.training.ddp import wrap_ddp  # noqa: E402
 from megatron_tempnet.training.optim import (build_optimizer, build_scheduler,  # noqa: E402
                                              precision_dtype)
-from megatron_tempnet.training.step import forward_backward  # noqa: E402
+from megatron_tempnet.training.loop import train_step  # noqa: E402
+
 
 def random_batches(vocab: int, b: int, s: int, device):
     g = torch.Generator().manual_seed(0)
@@ -70,27 +70,19 @@ def measure(cfg, loss_mode: str, attention: str, args, ctx) -> dict:
                         lr=1e-4, min_lr=1e-5)
     dtype = precision_dtype(args.precision)
     torch.manual_seed(0)
-    extra = {}
-    if loss_mode != "ce":
-        extra = dict(model_cls=TempNetGPTModel, tempnet_seed=0,
-                     tempnet_config=TempNetConfig(loss_mode=loss_mode))
-    model = build_model(cfg, ctx, params_dtype=dtype, use_transformer_engine=False,
-                        attention_backend=attention, **extra)
+    tempnet_cfg = TempNetConfig(loss_mode=loss_mode)
+    model = build_tempnet_model(dataclasses.replace(cfg, attention_backend=attention), tempnet_cfg,
+                                ctx, params_dtype=dtype, use_transformer_engine=False)
     lm_params = sum(p.numel() for p in model.parameters()
                     if not getattr(p, TEMPNET_PARAM_ATTR, False))
     chunks = [wrap_ddp(model, use_distributed_optimizer=True)]
     optimizer = build_optimizer(chunks, train, use_distributed_optimizer=True,
-                                tempnet_cfg=extra.get("tempnet_config"))
+                                tempnet_cfg=tempnet_cfg)
     scheduler = build_scheduler(optimizer, train)
     batches = random_batches(cfg.vocab_size, args.micro_batch_size, args.seq_length, ctx.device)
 
     def step():
-        chunks[0].zero_grad_buffer()
-        optimizer.zero_grad()
-        forward_backward(chunks, batches, num_microbatches=1, seq_length=args.seq_length,
-                         micro_batch_size=args.micro_batch_size)
-        optimizer.step()
-        scheduler.step(increment=1)
+        train_step(chunks, optimizer, scheduler, batches, train, num_micro=1)
 
     for _ in range(args.warmup):
         step()
@@ -150,7 +142,7 @@ def main(argv=None) -> None:
     p.add_argument("--loss-modes", nargs="+", default=["ce", "tempnet_dro"],
                    choices=["ce", "dro_fixed_tau", "tempnet_dro"])
     p.add_argument("--attention-backends", nargs="+", default=["local", "sdpa"],
-                   choices=list(CORE_ATTENTION_BACKENDS))
+                   choices=list(ATTENTION_BACKENDS))
     p.add_argument("--vocab-size", type=int, default=None,
                    help="default: the preset's, else 32000")
     p.add_argument("--peak-tflops", type=float, default=None,

@@ -22,11 +22,17 @@ from megatron_tempnet.config import (ConfigError, ModelConfig, ParallelConfig, T
 from megatron_tempnet.data.config import DataConfig
 from megatron_tempnet.tempnet.config import TempNetConfig
 from megatron_tempnet.training.checkpointing import CheckpointConfig
+from megatron_tempnet.training.deepspeed import DeepSpeedConfig
+from megatron_tempnet.training.evaluate import EvalConfig
+from megatron_tempnet.training.metrics_log import LoggingConfig
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig,
-            "data": DataConfig, "tempnet": TempNetConfig, "checkpoint": CheckpointConfig}
+            "data": DataConfig, "tempnet": TempNetConfig, "checkpoint": CheckpointConfig,
+            "eval": EvalConfig, "logging": LoggingConfig, "deepspeed": DeepSpeedConfig}
 _SECTION_PREFIX = {"tempnet": "tempnet-"}
-_FLAG_NAMES = {("model", "family"): "--model-family"}
+_FLAG_NAMES = {("model", "family"): "--model-family",
+               # DeepSpeed's (and Megatron-DeepSpeed's) own spelling
+               ("deepspeed", "deepspeed_config"): "--deepspeed_config"}
 
 
 @dataclass
@@ -37,6 +43,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tempnet: TempNetConfig = field(default_factory=TempNetConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 def flag_name(section: str, name: str) -> str:
@@ -76,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="model preset name (configs/models/) or YAML path")
     parser.add_argument("--config", help="run YAML with one section per config dataclass "
                                          f"({'/'.join(SECTIONS)})")
+    # The deepspeed launcher passes --local_rank; the rank comes from the environment it sets.
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int,
+                        help=argparse.SUPPRESS)
     for flag, (section, name) in all_flags().items():
         f = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
         is_list, is_bool = "list" in str(f.type), str(f.type) == "bool"

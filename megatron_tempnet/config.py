@@ -16,6 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_PRESET_DIR = REPO_ROOT / "configs" / "models"
 
 FAMILIES = ("gpt", "llama")
+# core attention without Transformer Engine: PyTorch SDPA (models/specs.py) or megatron's unfused
+ATTENTION_BACKENDS = ("sdpa", "local")
 
 
 class ConfigError(ValueError):
@@ -45,6 +47,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    attention_backend: str = "sdpa"  # see ATTENTION_BACKENDS; Transformer Engine wins if present
 
     def __post_init__(self):
         if self.tie_embeddings is None:
@@ -66,6 +69,9 @@ class ModelConfig:
     def validate(self, tp: int = 1, pp: int = 1) -> "ModelConfig":
         if self.family not in FAMILIES:
             raise ConfigError(f"--model-family {self.family!r} is unknown; choose one of {FAMILIES}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"--attention-backend {self.attention_backend!r} is unknown; "
+                              f"choose one of {ATTENTION_BACKENDS}")
         h, n, g = self.hidden_size, self.num_attention_heads, self.num_query_groups
         if h % n:
             raise ConfigError(f"--hidden-size {h} is not divisible by --num-attention-heads {n}")

@@ -15,14 +15,18 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from megatron_tempnet.arguments import RunConfig, parse_args
-from megatron_tempnet.data.datasets import build_datasets, build_micro_batch_iterator
+from megatron_tempnet.data.datasets import (build_datasets, build_micro_batch_iterator,
+                                            num_samples)
 from megatron_tempnet.data.tokenizers import load_tokenizer
 from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
 from megatron_tempnet.parallel import ParallelContext, initialize, shutdown
 from megatron_tempnet.training.checkpointing import (EXIT_CODE_DIVERGED, Checkpointer, RunControl,
                                                      TrainingDiverged, read_latest, run_record)
 from megatron_tempnet.training.ddp import wrap_ddp
+from megatron_tempnet.training.evaluate import EvalCallback
+from megatron_tempnet.training.flops import flops_per_token, peak_flops
 from megatron_tempnet.training.loop import TrainState, train
+from megatron_tempnet.training.metrics_log import MetricsCallback, MetricsLogger
 from megatron_tempnet.training.optim import build_optimizer, build_scheduler, precision_dtype
 
 
@@ -40,14 +44,22 @@ class Trainer:
     optimizer: object
     scheduler: object
     batches: object
-    checkpointer: Checkpointer
+    checkpointer: Checkpointer | None
     control: RunControl
     state: TrainState
+    callbacks: list  # evaluation and metrics sinks, run after every iteration
+    step: object = None  # the DeepSpeed engine's step; None: the megatron-core step
 
     def train(self, callbacks=()) -> TrainState:
-        return train(self.model_chunks, self.optimizer, self.scheduler, self.batches,
-                     self.run.train, self.ctx, state=self.state, log=log,
-                     checkpointer=self.checkpointer, control=self.control, callbacks=callbacks)
+        try:
+            return train(self.model_chunks, self.optimizer, self.scheduler, self.batches,
+                         self.run.train, self.ctx, state=self.state, log=log,
+                         checkpointer=self.checkpointer, control=self.control,
+                         callbacks=[*self.callbacks, *callbacks], step=self.step)
+        finally:
+            for callback in self.callbacks:
+                if isinstance(callback, MetricsCallback):
+                    callback.logger.close()
 
 
 def build(run: RunConfig, start_time: float | None = None) -> Trainer:
@@ -56,13 +68,18 @@ def build(run: RunConfig, start_time: float | None = None) -> Trainer:
     ctx = initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, tr.seed)
     tr.validate(ctx.dp_size)
 
+    ev, ds = run.eval.validate(), run.deepspeed.validate()
     tokenizer = load_tokenizer(run.data.tokenizer_type, run.data.tokenizer_model)
     run.model.vocab_size = tokenizer.vocab_size
-    train_ds, _, _ = build_datasets(run.data, tokenizer, seq_length=tr.seq_length, seed=tr.seed,
-                                    train_samples=tr.train_iters * tr.global_batch_size)
-    batches = build_micro_batch_iterator(train_ds, tr.micro_batch_size, tr.global_batch_size,
-                                         ctx.dp_rank, ctx.dp_size,
-                                         num_workers=run.data.num_workers)
+    n_train, n_valid, _ = num_samples(tr.train_iters, tr.global_batch_size, ev.eval_iters,
+                                      ev.eval_interval or None)
+    train_ds, valid_ds, _ = build_datasets(run.data, tokenizer, seq_length=tr.seq_length,
+                                           seed=tr.seed, train_samples=n_train,
+                                           valid_samples=n_valid)
+    batches, valid_batches = (
+        build_micro_batch_iterator(d, tr.micro_batch_size, tr.global_batch_size, ctx.dp_rank,
+                                   ctx.dp_size, num_workers=run.data.num_workers)
+        for d in (train_ds, valid_ds))
 
     model = build_tempnet_model(run.model, run.tempnet, ctx,
                                 params_dtype=precision_dtype(tr.precision), seed=tr.seed)
@@ -71,17 +88,56 @@ def build(run: RunConfig, start_time: float | None = None) -> Trainer:
         log(f"model {run.model.family}: {n:,} parameters on this stage "
             f"(TP={ctx.tp_size} PP={ctx.pp_size} DP={ctx.dp_size}), loss "
             f"{run.tempnet.loss_mode}, mode {run.tempnet.training_mode}")
-    chunks = [wrap_ddp(model, use_distributed_optimizer=par.use_distributed_optimizer)]
-    optimizer = build_optimizer(chunks, tr, use_distributed_optimizer=par.use_distributed_optimizer,
-                                tempnet_cfg=run.tempnet)
-    scheduler = build_scheduler(optimizer, tr)
-    checkpointer = Checkpointer(ck, chunks, optimizer, scheduler, ctx,
-                                run_record(run.model, run.tempnet, tr, ctx), log=log)
-    iteration, consumed = checkpointer.load()
-    batches.load_state_dict({"consumed_samples": consumed})
+    step, checkpointer, iteration, consumed = None, None, 0, 0
+    if ds.deepspeed:
+        chunks, optimizer, scheduler, step = _deepspeed(run, model, ctx)
+    else:
+        chunks = [wrap_ddp(model, use_distributed_optimizer=par.use_distributed_optimizer)]
+        optimizer = build_optimizer(chunks, tr, tempnet_cfg=run.tempnet,
+                                    use_distributed_optimizer=par.use_distributed_optimizer)
+        scheduler = build_scheduler(optimizer, tr)
+        checkpointer = Checkpointer(ck, chunks, optimizer, scheduler, ctx,
+                                    run_record(run.model, run.tempnet, tr, ctx), log=log)
+        iteration, consumed = checkpointer.load()
+        batches.load_state_dict({"consumed_samples": consumed})
     return Trainer(run, ctx, chunks, optimizer, scheduler, batches, checkpointer,
                    RunControl(ck, start_time=start_time, device=ctx.device),
-                   TrainState(iteration=iteration, consumed_samples=consumed))
+                   TrainState(iteration=iteration, consumed_samples=consumed),
+                   _callbacks(run, chunks, valid_batches, ctx), step)
+
+
+def _callbacks(run: RunConfig, chunks: list, valid_batches, ctx: ParallelContext) -> list:
+    """Metrics sinks (TensorBoard, JSONL) and periodic evaluation on the validation split."""
+    tr = run.train
+    logger = MetricsLogger(run.logging, ctx)
+    tempnet_hidden = run.tempnet.hidden_size if run.tempnet.uses_tempnet else None
+    callbacks = [MetricsCallback(
+        logger, tr, ctx, peak=peak_flops(ctx.device, tr.precision, run.logging.peak_tflops),
+        flops_per_token=flops_per_token(run.model, tr.seq_length,
+                                        vocab_size=run.model.padded_vocab_size(ctx.tp_size),
+                                        tempnet_hidden=tempnet_hidden))]
+    if valid_batches is not None and run.eval.eval_iters > 0:
+        callbacks.append(EvalCallback(chunks, valid_batches, ctx, run.eval, tr, logger=logger,
+                                      log=log))
+    return callbacks
+
+
+def _deepspeed(run: RunConfig, model, ctx: ParallelContext):
+    """The DeepSpeed engine path (ZeRO 1/2): its step replaces the megatron-core step."""
+    from functools import partial
+
+    from megatron_tempnet.config import ConfigError
+    from megatron_tempnet.training.deepspeed import build_deepspeed_engine, deepspeed_train_step
+
+    if run.checkpoint.save or run.checkpoint.load:
+        raise ConfigError("--save/--load are not supported with --deepspeed yet (ZeRO optimizer "
+                          "state is not in dist_checkpointing format): drop them, or train "
+                          "without --deepspeed")
+    engine, scheduler = build_deepspeed_engine(model, run.train, ctx,
+                                               run.deepspeed.deepspeed_config,
+                                               tempnet_cfg=run.tempnet)
+    return [engine.module], engine.optimizer, scheduler, partial(deepspeed_train_step, engine,
+                                                                 scheduler)
 
 
 def main(argv=None) -> int:

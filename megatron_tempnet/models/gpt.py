@@ -17,7 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from megatron_tempnet.config import ConfigError, ModelConfig
+from megatron_tempnet.config import ModelConfig
 from megatron_tempnet.parallel.runtime import ParallelContext
 
 gelu_tanh = functools.partial(F.gelu, approximate="tanh")
@@ -64,24 +64,20 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelContext,
     )
 
 
-def layer_spec(cfg: ModelConfig, use_transformer_engine: bool | None = None,
-               attention_backend: str = "sdpa"):
+def layer_spec(cfg: ModelConfig, use_transformer_engine: bool | None = None):
     """Transformer Engine spec when importable on a GPU; otherwise megatron-core's local spec
-    with ``attention_backend`` as core attention: "sdpa" (PyTorch SDPA, models/specs.py) or
+    with ``cfg.attention_backend`` as core attention: "sdpa" (PyTorch SDPA, models/specs.py) or
     "local" (megatron-core's unfused DotProductAttention)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    from megatron_tempnet.models.specs import CORE_ATTENTION_BACKENDS, get_gpt_layer_sdpa_spec
+    from megatron_tempnet.models.specs import get_gpt_layer_sdpa_spec
 
-    if attention_backend not in CORE_ATTENTION_BACKENDS:
-        raise ConfigError(f"attention backend {attention_backend!r} is unknown: choose one of "
-                          f"{CORE_ATTENTION_BACKENDS}")
     if use_transformer_engine is None:
         use_transformer_engine = torch.cuda.is_available() and _te_importable()
     if use_transformer_engine:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     norm = "RMSNorm" if cfg.family == "llama" else "LayerNorm"
-    if attention_backend == "sdpa":
+    if cfg.attention_backend == "sdpa":
         return get_gpt_layer_sdpa_spec(normalization=norm)
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization=norm)
 
@@ -96,7 +92,7 @@ def _te_importable() -> bool:
 
 def build_model(cfg: ModelConfig, parallel: ParallelContext, *,
                 params_dtype: torch.dtype = torch.float32, use_transformer_engine=None,
-                attention_backend: str = "sdpa", model_cls=None, **model_kwargs):
+                model_cls=None, **model_kwargs):
     """This rank's stage of the model (first stage embeds, last stage has the output layer)."""
     from megatron.core.models.gpt import GPTModel
 
@@ -104,7 +100,7 @@ def build_model(cfg: ModelConfig, parallel: ParallelContext, *,
     model_cls = model_cls or GPTModel
     model = model_cls(
         config=transformer_config(cfg, parallel, params_dtype),
-        transformer_layer_spec=layer_spec(cfg, use_transformer_engine, attention_backend),
+        transformer_layer_spec=layer_spec(cfg, use_transformer_engine),
         vocab_size=cfg.padded_vocab_size(parallel.tp_size),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=parallel.is_first_stage,

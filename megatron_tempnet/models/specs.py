@@ -35,7 +35,6 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.utils import is_layer_window_attention
 
-CORE_ATTENTION_BACKENDS = ("sdpa", "local")
 
 
 class SDPAttention(DotProductAttention):

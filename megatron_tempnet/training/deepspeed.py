@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from megatron_tempnet.config import ConfigError, TrainConfig
 from megatron_tempnet.parallel.runtime import ParallelContext
-from megatron_tempnet.training.step import global_metrics, masked_sum_loss
+from megatron_tempnet.training.step import masked_sum_loss
 
 ZERO_STAGES = (1, 2)
 AUTO = "auto"
@@ -272,8 +272,8 @@ def build_deepspeed_engine(model: torch.nn.Module, train: TrainConfig, ctx: Para
     return engine, scheduler
 
 
-def deepspeed_train_step(engine, batches, num_microbatches: int) -> dict:
-    """One optimizer step over ``num_microbatches`` micro-batches of this DP rank.
+def deepspeed_train_step(engine, scheduler, batches, num_microbatches: int):
+    """One optimizer step (and lr step) over ``num_microbatches`` micro-batches of this DP rank.
 
     Same objective as the megatron-core path: sum of per-token losses over the global batch
     divided by the global (loss-mask weighted) token count N. DeepSpeed averages gradients over
@@ -283,10 +283,12 @@ def deepspeed_train_step(engine, batches, num_microbatches: int) -> dict:
     ``loss_sum * D / N`` with ``scale_wrt_gas=False``: the reduced gradient is then exactly
     d(sum / N).
 
-    Returns the same dict as ``training.step.global_metrics`` ("lm loss", and with the DRO
-    loss "dro loss", "tempered ce", "tau", "tau min", "tau max"; 0-d tensors), reduced over
-    data-parallel ranks. The step's grad norm is ``engine.get_global_grad_norm()``.
+    Returns a ``training.loop.StepOutput`` like the megatron-core step: the per-micro-batch
+    reports (reduce them with ``training.step.global_metrics``), the grad norm, whether the
+    update happened (fp16 loss scaling may skip it) and the LM's lr after the scheduler step.
     """
+    from megatron_tempnet.training.loop import StepOutput
+
     gas = engine.gradient_accumulation_steps()
     if num_microbatches != gas:
         raise ConfigError(f"{num_microbatches} micro-batches per step, but the DeepSpeed engine "
@@ -301,7 +303,7 @@ def deepspeed_train_step(engine, batches, num_microbatches: int) -> dict:
         dist.all_reduce(num_tokens, group=dp_group)
     scale = dp_size / num_tokens.clamp(min=1)
 
-    reports = []
+    reports, skipped = [], engine.skipped_steps
     for batch in micro:
         batch = {k: v.to(device) for k, v in batch.items()}
         output = engine(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
@@ -309,4 +311,8 @@ def deepspeed_train_step(engine, batches, num_microbatches: int) -> dict:
         engine.backward(loss_sum * scale, scale_wrt_gas=False)
         engine.step()  # updates at the accumulation boundary (the last micro-batch) only
         reports.append(report)
-    return global_metrics(reports, dp_group if dp_size > 1 else None)
+    scheduler.step(increment=1)
+    grad_norm = engine.get_global_grad_norm()
+    return StepOutput(reports, None if grad_norm is None else float(grad_norm),
+                      engine.skipped_steps == skipped,
+                      scheduler.get_lr(scheduler.optimizer.param_groups[0]))

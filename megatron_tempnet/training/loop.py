@@ -89,17 +89,20 @@ def log_iteration(state: TrainState, out: StepOutput, train_cfg: TrainConfig,
 def train(model_chunks: list, optimizer, scheduler, batches, train_cfg: TrainConfig,
           ctx: ParallelContext, state: TrainState | None = None, log=print,
           checkpointer: Checkpointer | None = None, control: RunControl | None = None,
-          callbacks=()) -> TrainState:
+          callbacks=(), step=None) -> TrainState:
     """Train until ``train_cfg.train_iters``; ``batches`` yields this DP rank's micro-batches
     (positioned at ``state.consumed_samples``). ``callbacks``: ``fn(state, StepOutput)`` after
-    every iteration (evaluation, metrics sinks). Raises ``TrainingDiverged`` on NaN/Inf."""
+    every iteration (evaluation, metrics sinks). ``step(batches, num_micro) -> StepOutput``
+    replaces the megatron-core step (the DeepSpeed engine's). Raises ``TrainingDiverged``."""
     state = state or TrainState()
+    step = step or (lambda batches, num_micro: train_step(
+        model_chunks, optimizer, scheduler, batches, train_cfg, num_micro))
     control = control or RunControl(device=ctx.device)
     num_micro = train_cfg.num_microbatches(ctx.dp_size)
     window = (time.perf_counter(), 0)
     with control:
         while state.iteration < train_cfg.train_iters:
-            out = train_step(model_chunks, optimizer, scheduler, batches, train_cfg, num_micro)
+            out = step(batches, num_micro)
             state.iteration += 1
             state.consumed_samples += train_cfg.global_batch_size
             window = (window[0], window[1] + 1)

@@ -6,12 +6,14 @@ vs separate scaling). tiny-llama has grouped-query attention (4 heads, 2 query g
 tiny-gpt has multi-head attention, biases and learned positions. TP=2 coverage:
 tests/parallel/test_model_parity.py builds through ``build_model``, whose default is this spec.
 """
+import dataclasses
+
 import pytest
 import torch
 from megatron.core import tensor_parallel
 
 from megatron_tempnet.config import ConfigError, load_model_preset
-from megatron_tempnet.models.gpt import build_model, layer_spec
+from megatron_tempnet.models.gpt import build_model
 from megatron_tempnet.models.specs import SDPAttention
 
 ATOL, RTOL = 2e-6, 1e-5  # fp32
@@ -20,8 +22,8 @@ ATOL, RTOL = 2e-6, 1e-5  # fp32
 def _pair(single_process, preset, **overrides):
     cfg = load_model_preset(preset, vocab_size=200, **overrides)
     torch.manual_seed(0)
-    local = build_model(cfg, single_process, attention_backend="local")
-    sdpa = build_model(cfg, single_process, attention_backend="sdpa")
+    local = build_model(dataclasses.replace(cfg, attention_backend="local"), single_process)
+    sdpa = build_model(dataclasses.replace(cfg, attention_backend="sdpa"), single_process)
     assert set(local.state_dict()) == set(sdpa.state_dict())  # checkpoints interchange
     with torch.no_grad():
         for p in local.parameters():  # random norms/biases so that every path shows
@@ -93,6 +95,6 @@ def test_sdpa_attention_dropout_train_vs_eval(single_process):
 
 
 def test_unknown_attention_backend_is_an_error():
-    cfg = load_model_preset("tiny-llama", vocab_size=200)
-    with pytest.raises(ConfigError, match="attention backend 'flash'"):
-        layer_spec(cfg, use_transformer_engine=False, attention_backend="flash")
+    cfg = load_model_preset("tiny-llama", vocab_size=200, attention_backend="flash")
+    with pytest.raises(ConfigError, match="--attention-backend 'flash' is unknown"):
+        cfg.validate()

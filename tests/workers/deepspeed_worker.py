@@ -87,9 +87,9 @@ def run_layout(tp: int, zero_stage: int) -> dict:
     batches = rank_micro_batches(cfg.vocab_size, train, ctx)
     deepspeed = []
     for _ in range(STEPS):
-        metrics = deepspeed_train_step(engine, batches, num_micro)
-        ds_scheduler.step(increment=1)
-        deepspeed.append({**as_floats(metrics), "grad norm": float(engine.get_global_grad_norm()),
+        out = deepspeed_train_step(engine, ds_scheduler, batches, num_micro)
+        metrics = global_metrics(out.reports, ctx.dp_group)
+        deepspeed.append({**as_floats(metrics), "grad norm": out.grad_norm,
                           "lr": [g["lr"] for g in engine.optimizer.param_groups]})
     num_groups = len(engine.optimizer.param_groups)
     # the updated weights of both paths (DeepSpeed's module holds views of ZeRO's updated

@@ -1,0 +1,171 @@
+"""Checkpoints <-> Hugging Face directories (tools/convert_checkpoint_to_hf.py and
+tools/convert_hf_to_checkpoint.py call these).
+
+Both directions go through one process holding the whole model at TP=1, PP=1: megatron-core's
+``dist_checkpointing`` reshards on load and save, so a checkpoint saved at any TP/PP is read
+here, and a checkpoint written here is loaded by training at any TP/PP.
+The vocabulary padding of the saving layout is kept (``make_vocab_size_divisible_by`` x the
+saved TP) so the padded rows, which TempNet reads, survive.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from megatron_tempnet.config import ConfigError, ModelConfig
+from megatron_tempnet.tempnet.config import TempNetConfig
+
+
+def _single_process():
+    from megatron_tempnet.parallel import initialize
+
+    return initialize(1, 1, seed=0)
+
+
+def checkpoint_config(path: Path) -> tuple[ModelConfig, TempNetConfig, dict]:
+    """The model and TempNet configs a checkpoint directory was saved with."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    record = common["config"]
+    model = ModelConfig(**record["model"])
+    tempnet = TempNetConfig(**record["tempnet"])
+    return model, tempnet, record
+
+
+def model_for_layout(model_cfg: ModelConfig, saved_tp: int) -> ModelConfig:
+    """model_cfg whose TP=1 padding equals the padding of a model saved at TP=saved_tp."""
+    return dataclasses.replace(
+        model_cfg, make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by * saved_tp)
+
+
+def load_checkpoint_full(load: str) -> tuple[dict, ModelConfig, TempNetConfig]:
+    """The full (TP=1, PP=1) state dict of the checkpoint at ``load`` (a save dir or iter dir)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_tempnet.models.sharding import model_tensors
+    from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
+    from megatron_tempnet.training.checkpointing import model_sharded_state_dict, resolve_load_dir
+
+    path = resolve_load_dir(load, None)
+    if path is None:
+        raise ConfigError(f"--load {load}: no checkpoint there yet")
+    _check_complete(path)
+    model_cfg, tempnet_cfg, record = checkpoint_config(path)
+    cfg = model_for_layout(model_cfg, record["parallel"]["tp"])
+    ctx = _single_process()
+    model = build_tempnet_model(cfg, dataclasses.replace(tempnet_cfg, training_mode="scratch"),
+                                ctx)
+    loaded = dist_checkpointing.load(model_sharded_state_dict([model]), str(path))
+    missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
+    missing = [m for m in missing if not m.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ConfigError(f"checkpoint {path}: missing {missing}, unexpected {unexpected}")
+    return model_tensors(model), cfg, tempnet_cfg
+
+
+def _check_complete(path: Path) -> None:
+    """A dist_checkpointing directory lists its shard files in metadata; name any that is gone."""
+    meta = path / ".metadata"
+    if not (path / "metadata.json").exists() or not meta.exists():
+        raise ConfigError(f"{path} is not a complete checkpoint (metadata.json or .metadata "
+                          f"missing): {sorted(p.name for p in path.iterdir())[:12]}")
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+        files = sorted({info.relative_path for info in storage.values()})
+    except Exception as e:  # an unreadable .metadata is as bad as a missing one
+        raise ConfigError(f"{path}: cannot read its shard index ({e})") from e
+    absent = [f for f in files if not (path / f).exists()]
+    if absent:
+        raise ConfigError(f"checkpoint {path} is missing shard file(s) {absent}: copy the whole "
+                          "directory")
+
+
+def checkpoint_to_hf(load: str, output: str, tokenizer_file: str | None = None,
+                     dtype: torch.dtype = torch.float32) -> Path:
+    from megatron_tempnet.hf.export import export_hf
+
+    full, cfg, tempnet_cfg = load_checkpoint_full(load)
+    has_tempnet = tempnet_cfg.uses_tempnet
+    return export_hf(output, full, cfg, tempnet_cfg if has_tempnet else None,
+                     tokenizer_file=tokenizer_file, dtype=dtype)
+
+
+def hf_to_full(hf_dir: str, make_vocab_size_divisible_by: int = 128) -> tuple[dict, ModelConfig]:
+    """A Hugging Face LLaMA or GPT-2 directory -> (full megatron state dict, ModelConfig)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_tempnet.hf import family_module
+
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    families = {"llama": "llama", "gpt2": "gpt"}
+    family = families.get(config.get("model_type"))
+    if family is None:
+        raise ConfigError(f"{hf_dir}: model_type {config.get('model_type')!r} is not supported; "
+                          f"supported: {sorted(families)}")
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    cfg = model_config_from_hf(family, model.config, make_vocab_size_divisible_by)
+    return family_module(family).from_hf(model.state_dict(), cfg), cfg
+
+
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if rows > len(t) else t
+
+
+def model_config_from_hf(family: str, c, make_vocab_size_divisible_by: int) -> ModelConfig:
+    if family == "llama":
+        return ModelConfig(
+            family="llama", num_layers=c.num_hidden_layers, hidden_size=c.hidden_size,
+            num_attention_heads=c.num_attention_heads, num_query_groups=c.num_key_value_heads,
+            ffn_hidden_size=c.intermediate_size, vocab_size=c.vocab_size,
+            max_position_embeddings=c.max_position_embeddings, norm_epsilon=c.rms_norm_eps,
+            rotary_base=getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"],
+            tie_embeddings=c.tie_word_embeddings,
+            make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    return ModelConfig(
+        family="gpt", num_layers=c.n_layer, hidden_size=c.n_embd, num_attention_heads=c.n_head,
+        ffn_hidden_size=c.n_inner or 4 * c.n_embd, vocab_size=c.vocab_size,
+        max_position_embeddings=c.n_positions, norm_epsilon=c.layer_norm_epsilon,
+        tie_embeddings=c.tie_word_embeddings,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+
+
+def hf_to_checkpoint(hf_dir: str, save: str, make_vocab_size_divisible_by: int = 128,
+                     target_tp: int = 1) -> Path:
+    """Write ``save``/iter_0000000 (model weights only) + the latest marker: ready for
+    ``--load SAVE --finetune`` (finetune and frozen-LM modes). dist_checkpointing reshards to
+    any TP/PP; only the vocabulary padding depends on the TP size (divisible_by x TP), so the
+    embedding is padded for ``target_tp``."""
+    from megatron_tempnet.models.gpt import build_model
+    from megatron_tempnet.models.sharding import load_local
+    from megatron_tempnet.config import TrainConfig
+    from megatron_tempnet.training.checkpointing import (CHECKPOINT_VERSION, iteration_dir,
+                                                         model_sharded_state_dict, save_sharded,
+                                                         write_latest)
+
+    full, cfg = hf_to_full(hf_dir, make_vocab_size_divisible_by)
+    padded = model_for_layout(cfg, target_tp)
+    full = {k: _pad_rows(v, padded.padded_vocab_size()) if k in VOCAB_KEYS else v
+            for k, v in full.items()}
+    ctx = _single_process()
+    model = build_model(padded, ctx)
+    load_local(model, full)
+    path = iteration_dir(save, 0)
+    path.mkdir(parents=True, exist_ok=True)
+    state = model_sharded_state_dict([model])
+    state.update(iteration=0, consumed_samples=0, checkpoint_version=CHECKPOINT_VERSION,
+                 config={"model": dataclasses.asdict(cfg),
+                         "tempnet": dataclasses.asdict(TempNetConfig()),
+                         "train": dataclasses.asdict(TrainConfig()),
+                         "parallel": {"tp": target_tp, "pp": 1, "dp": 1}})
+    save_sharded(state, path)
+    write_latest(save, 0)
+    return path

@@ -1,0 +1,92 @@
+"""Checkpoints <-> Hugging Face: a model trained at TP=2 (LLaMA, GQA) and one at PP=2 (GPT-2,
+tied embeddings), both with TempNet, exported and loaded by transformers give the losses our
+model measured in training (tau = 1 and with TempNet's tau); HF -> ours -> HF is the identity;
+broken inputs fail clearly."""
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import megatron_tempnet.hf.modeling  # noqa: F401  (registers the TempNet Auto classes)
+from megatron_tempnet.config import ConfigError
+from megatron_tempnet.hf.convert import checkpoint_to_hf, hf_to_checkpoint, load_checkpoint_full
+from megatron_tempnet.hf.llama import to_hf
+from torchrun import run_torchrun
+
+pytestmark = pytest.mark.parallel
+LOSS_RTOL = 2e-5  # fp32: megatron-core (TP/PP, SDPA) vs transformers (eager)
+
+
+def hf_losses(model, batch):
+    """Training's plain CE (tau = 1) and tempered CE, from the exported model alone.
+
+    Training normalises over the padded vocabulary (Megatron keeps the padded rows in the
+    softmax); the export drops those rows from lm_head but carries them as ``pad_logit_weight``
+    for TempNet, so the padded logits vector of training is [logits | h @ pad_logit_weight^T]."""
+    with torch.no_grad():
+        model.use_tempnet = False
+        logits = model(batch["tokens"]).logits
+        hidden = model._lm_head_input
+        z = torch.cat([logits, hidden @ model.pad_logit_weight.t()], dim=-1)
+        tau = model.tau_from_logits(logits, hidden)
+        model.use_tempnet = True
+        tempered_logits = model(batch["tokens"]).logits
+    torch.testing.assert_close(tempered_logits, logits / tau.unsqueeze(-1))
+    labels = batch["labels"].flatten()
+    return (F.cross_entropy(z.flatten(0, 1), labels).item(),
+            F.cross_entropy((z / tau.unsqueeze(-1)).flatten(0, 1), labels).item())
+
+
+def test_trained_tp2_and_pp2_models_export_to_transformers(single_process, tiny_corpus, tmp_path):
+    from workers.hf_export_worker import probe_batch
+
+    ranks = run_torchrun("hf_export_worker.py", tmp_path, tiny_corpus.data_prefix,
+                         tiny_corpus.tokenizer_model, str(tmp_path / "ckpt"))
+    batch = probe_batch()
+    for name in ("llama", "gpt"):
+        ours = next(r[name] for r in ranks if r[name] is not None)
+        out = checkpoint_to_hf(str(tmp_path / "ckpt" / name), str(tmp_path / f"hf-{name}"),
+                               tokenizer_file=tiny_corpus.tokenizer_model)
+        assert (out / "tokenizer.model").exists() and (out / "config.json").exists()
+        model = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert type(model).__name__ == {"llama": "TempNetLlamaForCausalLM",
+                                        "gpt": "TempNetGPT2ForCausalLM"}[name]
+        plain, tempered = hf_losses(model, batch)
+        assert plain == pytest.approx(ours["lm loss"], rel=LOSS_RTOL), name
+        assert tempered == pytest.approx(ours["tempered ce"], rel=LOSS_RTOL), name
+        assert abs(tempered - plain) > 1e-3  # TempNet's tau really is applied
+
+    # a checkpoint directory with a shard file gone
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "ckpt" / "llama", broken)
+    it_dir = next(broken.glob("iter_*"))
+    victim = next(p for p in it_dir.iterdir() if p.suffix == ".distcp")
+    victim.unlink()
+    with pytest.raises(ConfigError, match=f"missing shard file.*{victim.name}"):
+        load_checkpoint_full(str(broken))
+
+
+def test_hf_to_checkpoint_to_hf_is_identity(single_process, tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=False)
+    hf = LlamaForCausalLM(config)
+    hf.save_pretrained(tmp_path / "hf")
+    hf_to_checkpoint(str(tmp_path / "hf"), str(tmp_path / "ckpt"), make_vocab_size_divisible_by=64,
+                     target_tp=2)
+    full, cfg, _ = load_checkpoint_full(str(tmp_path / "ckpt"))
+    assert full["embedding.word_embeddings.weight"].shape[0] == 384  # padded for TP=2: 128k
+    back = to_hf(full, cfg)
+    ref = hf.state_dict()
+    assert set(back) == set(ref)
+    for key, tensor in back.items():
+        assert torch.equal(tensor, ref[key]), key
+
+
+def test_unknown_model_type_is_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ConfigError, match="model_type 'bert' is not supported"):
+        hf_to_checkpoint(str(tmp_path), str(tmp_path / "out"))
