@@ -2,10 +2,12 @@
 
     demo corpus (stdlib docstrings) -> SentencePiece tokenizer -> .bin/.idx
     -> tiny LLaMA + TempNet (DRO loss) trained at TP=2 under torchrun (2 processes, gloo),
-       printing loss, tau statistics and tokens/s
+       printing loss, tau statistics and tokens/s, with checkpoints, evaluation, TensorBoard
+    -> the checkpoint evaluated at TP=1 (perplexity and ECE at tau=1, TempNet tau, best T)
+    -> exported to Hugging Face -> text generated with TempNet's per-token temperature
 
 Each step is the real command a user runs (printed before it runs); outputs go to demo_out/.
-Steps whose outputs exist are skipped, so a second ``make demo`` goes straight to training.
+Steps whose outputs exist are skipped; training resumes from its latest checkpoint.
 """
 from __future__ import annotations
 
@@ -48,15 +50,25 @@ def main(argv=None) -> int:
         run([py, "tools/preprocess_data.py", "--input", str(corpus), "--output-prefix",
              str(prefix), "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
              str(spm), "--append-eod", "--workers", "2"])
+    ckpt = out / "checkpoints"
+    model_flags = ["--model", "tiny-llama", "--data-path", str(data), "--tokenizer-type",
+                   "SentencePieceTokenizer", "--tokenizer-model", str(spm), "--split", "98,2,0",
+                   "--seq-length", "128", "--micro-batch-size", "4", "--global-batch-size", "16",
+                   "--tempnet-loss-mode", "tempnet_dro", "--tempnet-rho", str(args.rho)]
     run([py, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
-         "megatron_tempnet.train", "--model", "tiny-llama",
-         "--tensor-model-parallel-size", "2", "--data-path", str(data),
-         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(spm),
-         "--split", "98,2,0", "--seq-length", "128", "--micro-batch-size", "4",
-         "--global-batch-size", "16", "--train-iters", str(args.train_iters), "--lr", "3e-3",
-         "--min-lr", "3e-4", "--lr-warmup-iters", "4", "--log-interval", "5",
-         "--tempnet-loss-mode", "tempnet_dro", "--tempnet-rho", str(args.rho),
-         "--tempnet-lr", "1e-3"])
+         "megatron_tempnet.train", *model_flags, "--tensor-model-parallel-size", "2",
+         "--train-iters", str(args.train_iters), "--lr", "3e-3", "--min-lr", "3e-4",
+         "--lr-warmup-iters", "4", "--log-interval", "5", "--tempnet-lr", "1e-3",
+         "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "20",
+         "--eval-interval", "20", "--eval-iters", "2", "--tensorboard-dir",
+         str(out / "tensorboard"), "--metrics-jsonl", str(out / "metrics.jsonl")])
+    # the checkpoint saved at TP=2 evaluated by one process (TP=1): dist_checkpointing reshards
+    run([py, "-m", "megatron_tempnet.evaluate", *model_flags, "--load", str(ckpt),
+         "--eval-iters", "4"])
+    run([py, "tools/convert_checkpoint_to_hf.py", "--load", str(ckpt), "--output",
+         str(out / "hf"), "--tokenizer-model", str(spm)])
+    run([py, "tools/generate.py", "--model-dir", str(out / "hf"), "--prompt",
+         "Return the number of", "--max-new-tokens", "16", "--show-tau"])
     return 0
 
 

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         out = model.generate(ids, **kwargs).sequences
     new = out[0, ids.shape[1]:].tolist()
-    print(args.prompt + tok.detokenize(new))
+    print(tok.detokenize(out[0].tolist()))  # decoded whole: pieces keep their spaces
     if args.show_tau and has_tempnet:
         with torch.no_grad():
             tau = model(out[:, :-1], return_tau=True).tau[0, ids.shape[1] - 1:]

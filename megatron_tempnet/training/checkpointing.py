@@ -451,8 +451,8 @@ class Checkpointer:
         if load_optim:
             load_optimizer_state(self.optimizer, loaded["optimizer"])
             self.scheduler.load_state_dict(loaded["scheduler"])
-        elif resume:  # --no-load-optim: a fresh optimizer, the lr schedule at the iteration
-            self.scheduler.step(increment=common["iteration"])
+        elif resume and self.scheduler is not None:  # --no-load-optim: a fresh optimizer,
+            self.scheduler.step(increment=common["iteration"])  # the lr schedule at the iteration
         if load_rng:
             set_rng_state(loaded["rng_state"])
         if self.ctx.rank == 0:

@@ -83,7 +83,7 @@ def test_generate_tool_modes(single_process, tmp_path, tokenizers):
     for extra in (["--show-tau"], ["--temperature-mode", "anneal", "--temperature", "1.5"]):
         out = subprocess.run(base + extra, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert out.stdout.startswith("The value")
+        assert out.stdout.startswith("The value"), out.stdout
         if extra == ["--show-tau"]:
             taus = [float(line.split("tau ")[1]) for line in out.stdout.splitlines() if "tau " in line]
             assert len(taus) == 5 and all(0.3 <= t <= 3.0 for t in taus)
