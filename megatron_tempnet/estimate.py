@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_tempnet.config import ConfigError, ModelConfig
+from megatron_tempnet.training.flops import flops_per_token, layer_forward_flops
 
 GiB = 1024**3
 PARAM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -312,27 +313,21 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, tempnet=None, reserve_gib:
 def flops_per_step(cfg: ModelConfig, layout: Layout, tempnet=None) -> dict:
     """Matmul FLOPs of one optimizer step (global batch), Megatron-LM's way.
 
-    Per token forward: layer = 2h(q + kv) [QKV] + 2qh [proj] + 4sq [QK^T and AV over the full
-    s x s square] + 2h f (3 gated | 2) [MLP]; logits 2hV; TempNet 2MV + 2M^2. Training = 3 x
-    forward for the LM (1 with a frozen LM), 2 x for TempNet's W1 (no input gradient). Hardware
-    FLOPs add the recomputed forward (full: every layer; selective: the attention scores).
+    Model FLOPs come from ``training.flops.flops_per_token`` (the numbers the training log's
+    MFU uses; frozen LM: forward only). Hardware FLOPs add the recomputed forward (full: every
+    layer; selective: the attention scores).
     """
-    s, h, L = layout.seq_length, cfg.hidden_size, cfg.num_layers
-    d, a, g, f = cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size
-    v = cfg.padded_vocab_size(layout.tp)
-    q, kv = a * d, 2 * g * d
-    scores = 4 * s * q
-    layer = 2 * h * (q + kv) + 2 * q * h + scores + 2 * h * f * (3 if cfg.family == "llama" else 2)
-    lm_fwd = L * layer + 2 * h * v
-    frozen = tempnet is not None and tempnet.uses_tempnet and tempnet.training_mode == "frozen_lm"
-    tn = 0
-    if tempnet is not None and tempnet.uses_tempnet:
-        m = tempnet.hidden_size
-        tn = 2 * (2 * m * v) + 3 * (2 * m * m)
+    s, v = layout.seq_length, cfg.padded_vocab_size(layout.tp)
+    uses = tempnet is not None and tempnet.uses_tempnet
+    frozen = uses and tempnet.training_mode == "frozen_lm"
     tokens = layout.global_batch_size * s
-    model = tokens * ((1 if frozen else 3) * lm_fwd + tn)
-    recompute = {"none": 0, "selective": L * scores, "full": L * layer}[layout.recompute]
+    model = tokens * flops_per_token(cfg, s, vocab_size=v, lm_trains=not frozen,
+                                     tempnet_hidden=tempnet.hidden_size if uses else None)
+    layer, scores = layer_forward_flops(cfg, s)
+    recompute = {"none": 0, "selective": cfg.num_layers * scores,
+                 "full": cfg.num_layers * layer}[layout.recompute]
     hardware = model + (0 if frozen else tokens * recompute)
+    lm_fwd = flops_per_token(cfg, s, vocab_size=v, forward_only=True)
     return {"model": model, "hardware": hardware, "tokens": tokens,
             "per_token_forward": lm_fwd}
 

@@ -13,8 +13,8 @@ sequence length s:
                            ``causal=True`` to halve it, PaLM/FlashAttention-style)
     MLP                    3 * 2 * L * h * f * (3 if SwiGLU else 2)
     logits (LM head)       3 * 2 * h * V
-    TempNet (tempnet.md 2) 2 * M * V + 2 * M * M forward, plus the same again for weight
-                           gradients when TempNet trains (its input is detached: no dgrad)
+    TempNet (tempnet.md 2) 2 * M * V (W1) + 2 * M * M (W2) forward; when TempNet trains, W1
+                           twice (its input is detached: no data gradient), W2 three times
 
 Norms, softmax, the loss and the embedding lookup are not counted (the usual convention).
 For equal numbers of query and KV heads this is 6 * N_nonembedding + 6 * h * V + 12 * L * s * h,
@@ -39,28 +39,34 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
 DEFAULT_PEAK_BF16_TFLOPS = 989.0  # H100 SXM
 
 
+def layer_forward_flops(cfg: ModelConfig, seq_length: int, causal: bool = False):
+    """(one transformer layer's forward FLOPs per token, of which the attention scores)."""
+    h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
+    mlp_gemms = 3 if cfg.family == "llama" else 2  # SwiGLU: gate, up, down
+    scores = 2 * 2 * seq_length * q * (0.5 if causal else 1.0)
+    return 2 * h * (q + 2 * kv) + 2 * q * h + scores + 2 * h * f * mlp_gemms, scores
+
+
 def flops_per_token(cfg: ModelConfig, seq_length: int, *, vocab_size: int | None = None,
                     tempnet_hidden: int | None = None, tempnet_trains: bool = True,
-                    causal: bool = False, forward_only: bool = False) -> float:
+                    lm_trains: bool = True, causal: bool = False,
+                    forward_only: bool = False) -> float:
     """Model FLOPs per trained token (see the module docstring for the accounting).
 
     vocab_size: the padded vocabulary in the logits (default ``cfg.padded_vocab_size()``);
-    tempnet_hidden: TempNet's M when the model has TempNet (None: no TempNet).
+    tempnet_hidden: TempNet's M when the model has TempNet (None: no TempNet);
+    lm_trains=False: a frozen LM (training mode frozen_lm) runs its forward pass only.
     """
     vocab = vocab_size if vocab_size is not None else cfg.padded_vocab_size()
-    h, layers, f = cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size
-    d = cfg.head_dim
-    q = cfg.num_attention_heads * d
-    kv = cfg.num_query_groups * d
-    mlp_gemms = 3 if cfg.family == "llama" else 2  # SwiGLU: gate, up, down
-    passes = 1 if forward_only else 3
-    attn_scores = 2 * 2 * seq_length * q * (0.5 if causal else 1.0)
-    per_layer = 2 * h * (q + 2 * kv) + 2 * q * h + attn_scores + 2 * h * f * mlp_gemms
-    total = passes * (layers * per_layer + 2 * h * vocab)
+    per_layer, _ = layer_forward_flops(cfg, seq_length, causal)
+    lm_passes = 3 if lm_trains and not forward_only else 1
+    total = lm_passes * (cfg.num_layers * per_layer + 2 * cfg.hidden_size * vocab)
     if tempnet_hidden:
-        m = tempnet_hidden
-        tempnet_fwd = 2 * m * vocab + 2 * m * m
-        total += tempnet_fwd * (2 if tempnet_trains and not forward_only else 1)
+        m, trains = tempnet_hidden, tempnet_trains and not forward_only
+        # W1 reads the detached logits: forward + weight gradient; W2's input carries the
+        # gradient on to W1: forward + data + weight gradient
+        total += 2 * m * vocab * (2 if trains else 1) + 2 * m * m * (3 if trains else 1)
     return float(total)
 
 

@@ -44,9 +44,12 @@ def test_gqa_and_tempnet_terms():
     assert flops_per_token(base, 4096) - flops_per_token(gqa, 4096) == saved
     m, v = 256, 32000
     with_head = flops_per_token(base, 4096, tempnet_hidden=m)
-    assert with_head - flops_per_token(base, 4096) == 2 * (2 * m * v + 2 * m * m)
+    assert with_head - flops_per_token(base, 4096) == 2 * (2 * m * v) + 3 * (2 * m * m)
     frozen_head = flops_per_token(base, 4096, tempnet_hidden=m, tempnet_trains=False)
     assert frozen_head - flops_per_token(base, 4096) == 2 * m * v + 2 * m * m
+    frozen_lm = flops_per_token(base, 4096, tempnet_hidden=m, lm_trains=False)
+    assert frozen_lm == flops_per_token(base, 4096, forward_only=True) + with_head - \
+        flops_per_token(base, 4096)
     gpt = load_model_preset("gpt2-125m", vocab_size=50257)  # GeLU MLP: two GEMMs
     h, f = gpt.hidden_size, gpt.ffn_hidden_size
     assert flops_per_token(gpt, 1024) == 3 * (gpt.num_layers * (8 * h * h + 4 * 1024 * h
