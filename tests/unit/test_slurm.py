@@ -106,6 +106,8 @@ def _after(cmd, flag):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_dry_run_two_node_slurm(fake_slurm, script):
     env, _ = fake_slurm
+    if "deepspeed" in script:  # no checkpointing under DeepSpeed yet
+        env = {k: v for k, v in env.items() if k != "CHECKPOINT_DIR"}
     cmd, out = _dry_run(script, env, "--train-iters", "7")
     assert cmd[0] == "srun" and "--nodes=2" in cmd and "--ntasks-per-node=1" in cmd
     tr = cmd.index("torch.distributed.run")
@@ -121,7 +123,10 @@ def test_dry_run_two_node_slurm(fake_slurm, script):
     i = train.index("--data-path")
     assert train[i + 1:i + 5] == ["0.7", "/data/a_text_document", "0.3", "/data/b_text_document"]
     assert _after(train, "--tokenizer-model") == "/data/tok.model"
-    assert _after(train, "--save") == env["CHECKPOINT_DIR"]
+    if "deepspeed" in script:
+        assert "--save" not in train
+    else:
+        assert _after(train, "--save") == env["CHECKPOINT_DIR"]
     assert train[-2:] == ["--train-iters", "7"]  # the user's flags come last (they win)
     if script == "train_tempnet_frozen_llama7b.sh":  # no checkpoint yet: finetune from the LM
         assert _after(train, "--load") == "/ckpt/llama2-7b-converted" and "--finetune" in train
@@ -134,6 +139,13 @@ def test_dry_run_two_node_slurm(fake_slurm, script):
     assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in out.stdout
     assert "export OMP_NUM_THREADS=12" in out.stdout
     assert f"test-job-{JOB_ID}" in out.stderr  # log directory per job
+
+
+def test_deepspeed_variant_refuses_a_checkpoint_dir(fake_slurm):
+    env, _ = fake_slurm
+    out = _run("pretrain_llama7b_tempnet_deepspeed.sh", env, "--dry-run")
+    assert out.returncode == 2
+    assert "checkpointing under --deepspeed is not supported" in out.stderr
 
 
 @pytest.mark.parametrize("script", ["pretrain_llama7b_tempnet.sh",
