@@ -35,3 +35,19 @@ def test_train_tiny_llama_tp2_lowers_loss(tmp_path):
     assert len(losses) == 6, out
     assert "tokens/s" in out
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_train_tiny_gpt_pp2_with_tempnet_lowers_loss(tiny_corpus):
+    """PP=2 (tied embeddings across the two stages) with TempNet and the DRO loss."""
+    out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), "-m", "megatron_tempnet.train",
+               "--model", "tiny-gpt", "--pipeline-model-parallel-size", "2",
+               *tiny_corpus.data_flags(), "--seq-length", "64", "--micro-batch-size", "2",
+               "--global-batch-size", "8", "--train-iters", "30", "--lr", "5e-3",
+               "--log-interval", "5", "--eval-iters", "0", "--tempnet-loss-mode", "tempnet_dro",
+               "--tempnet-hidden-size", "32", "--tempnet-lr", "1e-3"])
+    losses = [float(x) for x in re.findall(r"dro loss ([0-9.]+)", out)]
+    taus = [float(x) for x in re.findall(r"\| tau ([0-9.]+)", out)]
+    assert len(losses) == 6 and len(taus) == 6, out
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert all(0.5 <= t <= 5.0 for t in taus), taus
