@@ -16,6 +16,7 @@ from megatron_tempnet.models.sharding import model_tensors
 from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
 from megatron_tempnet.tempnet import TempNetConfig
 from megatron_tempnet.training.evaluate import evaluate
+from batches import random_batches
 from torchrun import run_torchrun
 
 pytestmark = pytest.mark.parallel
@@ -46,14 +47,7 @@ def tiny_model(single_process, loss_mode):
 
 
 def make_batches(vocab, n, b=2, s=SEQ, seed=11):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        tokens = torch.randint(0, vocab, (b, s), generator=gen)
-        out.append({"tokens": tokens, "labels": torch.roll(tokens, -1, 1),
-                    "loss_mask": (torch.rand(b, s, generator=gen) > 0.2).float(),
-                    "position_ids": torch.arange(s).expand(b, s).contiguous()})
-    return out
+    return random_batches(vocab, n, b, s, seed)
 
 
 def assert_same(result, ref, where):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from batches import random_batches
 from megatron_tempnet.config import ConfigError, load_model_preset
 from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
 from megatron_tempnet.tempnet import TempNetConfig
@@ -52,14 +53,7 @@ def dense_metrics(logits, labels, mask, tau):
 
 
 def make_batches(vocab, n, b=2, s=16, seed=5):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        tokens = torch.randint(0, vocab, (b, s), generator=gen)
-        out.append({"tokens": tokens, "labels": torch.roll(tokens, -1, 1),
-                    "loss_mask": (torch.rand(b, s, generator=gen) > 0.2).float(),
-                    "position_ids": torch.arange(s).expand(b, s).contiguous()})
-    return out
+    return random_batches(vocab, n, b, s, seed)
 
 
 def tiny_model(single_process, loss_mode, **tempnet):

@@ -17,6 +17,7 @@ from megatron_tempnet.parallel import initialize, shutdown
 from megatron_tempnet.tempnet import TempNetConfig
 from megatron_tempnet.training.ddp import wrap_ddp
 from megatron_tempnet.training.step import forward_backward, reduce_reports
+from batches import rank_micro_batches
 from torchrun import save_rank_result
 
 
@@ -29,9 +30,7 @@ def run_layout(case: dict, tp: int, pp: int) -> dict:
     ddp.zero_grad_buffer()
 
     batch = case["batch"]
-    per_rank = batch["tokens"].shape[0] // ctx.dp_size
-    rows = slice(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank)
-    micro = [{k: v[rows][i:i + 1] for k, v in batch.items()} for i in range(per_rank)]
+    micro = rank_micro_batches(batch, ctx)
     torch.manual_seed(case["dropout_seed"])  # the same default generator on every rank
     reports = forward_backward([ddp], iter(micro), num_microbatches=len(micro),
                                seq_length=batch["tokens"].shape[1], micro_batch_size=1)
