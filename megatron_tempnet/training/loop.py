@@ -4,7 +4,7 @@
         micro-batches of this data-parallel rank -> pipeline schedule (forward + backward)
         -> DDP gradient reduction (in finalize_model_grads) -> optimizer step -> lr step
         -> all ranks agree: diverged? (raise) signal / time limit? (save, stop)
-        -> callbacks (evaluation, metrics sinks) -> report loss and throughput
+        -> report loss and throughput -> callbacks (metrics sinks, evaluation)
         -> checkpoint every --save-interval iterations, at the end, and before stopping early
 """
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-
-import torch
 
 from megatron_tempnet.config import TrainConfig
 from megatron_tempnet.parallel.runtime import ParallelContext
@@ -39,11 +37,6 @@ class StepOutput:
     grad_norm: float | None
     update_ok: bool
     lr: float  # the LM's lr after the scheduler step (as logged)
-
-
-def global_mean_loss(reports: list, ctx: ParallelContext) -> torch.Tensor | None:
-    """Token-weighted mean plain CE over the global batch (last stage; None elsewhere)."""
-    return global_metrics(reports, ctx.dp_group)["lm loss"] if ctx.is_last_stage else None
 
 
 def format_metrics(m: dict) -> str:
@@ -107,12 +100,12 @@ def train(model_chunks: list, optimizer, scheduler, batches, train_cfg: TrainCon
             state.consumed_samples += train_cfg.global_batch_size
             window = (window[0], window[1] + 1)
             stop = control.check(state.iteration, out.reports, out.grad_norm)
-            for callback in callbacks:
-                callback(state, out)
             last = stop is not None or state.iteration == train_cfg.train_iters
             if state.iteration % train_cfg.log_interval == 0 or last:
                 log_iteration(state, out, train_cfg, ctx, window, log)
                 window = (time.perf_counter(), 0)
+            for callback in callbacks:  # after logging: state.metrics holds this iteration's
+                callback(state, out)
             if checkpointer is not None and checkpointer.due(state.iteration, stopping=last):
                 checkpointer.save(state.iteration, state.consumed_samples)
             if stop is not None:

@@ -247,10 +247,10 @@ def default_paths(root: str | os.PathLike) -> LoggingConfig:
 
 
 class MetricsCallback:
-    """Train-loop callback ``fn(state, step_output)`` (loop.train's ``callbacks``): on every
-    log-interval iteration (and the last), reduce the step's reports over DP (last stage; a
-    collective among the last-stage ranks), build :func:`train_metrics` and write the sinks.
-    Keeps its own throughput window (iterations since its last call that logged)."""
+    """Train-loop callback ``fn(state, step_output)`` (loop.train's ``callbacks``): whenever the
+    loop has just logged this iteration (``state.metrics[-1]``: the metrics it reduced over DP on
+    the last stage), build :func:`train_metrics` from them and write the sinks. No collective of
+    its own. Keeps its own throughput window (iterations since its last call that logged)."""
 
     def __init__(self, logger: MetricsLogger, train_cfg, ctx, *, flops_per_token: float,
                  peak: float | None):
@@ -262,17 +262,12 @@ class MetricsCallback:
         self._start, self._iters = self._clock(), 0
 
     def __call__(self, state, out) -> None:
-        from megatron_tempnet.training.step import global_metrics
-
         self._iters += 1
-        cfg = self.train_cfg
-        if state.iteration % cfg.log_interval and state.iteration != cfg.train_iters:
-            return
+        if not state.metrics or state.metrics[-1][0] != state.iteration:
+            return  # the loop did not log this iteration (or this is not the last stage)
         elapsed, iters = self._clock() - self._start, self._iters
         self._start, self._iters = self._clock(), 0
-        if not self.ctx.is_last_stage:
-            return
-        reduced = {k: v.item() for k, v in global_metrics(out.reports, self.ctx.dp_group).items()}
+        cfg, reduced = self.train_cfg, state.metrics[-1][1]
         metrics = train_metrics(reduced, lr=out.lr, grad_norm=out.grad_norm, elapsed_s=elapsed,
                                 iterations=iters,
                                 tokens_per_iteration=cfg.global_batch_size * cfg.seq_length,

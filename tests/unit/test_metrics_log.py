@@ -104,6 +104,7 @@ def test_tau_histogram_and_config_errors():
 @dataclass
 class _State:
     iteration: int
+    metrics: list  # what the loop logged: (iteration, metrics reduced over DP)
 
 
 def test_metrics_callback_logs_on_interval(tmp_path):
@@ -111,9 +112,11 @@ def test_metrics_callback_logs_on_interval(tmp_path):
     train_cfg = SimpleNamespace(log_interval=2, train_iters=5, global_batch_size=4, seq_length=8)
     logger = MetricsLogger(LoggingConfig(metrics_jsonl=str(path)), ctx_at())
     cb = MetricsCallback(logger, train_cfg, ctx_at(), flops_per_token=1e6, peak=None)
-    reports = [{"lm loss": torch.tensor([6.0, 3.0])}]
+    logged = []
     for it in range(1, 6):
-        cb(_State(it), SimpleNamespace(reports=reports, lr=0.1, grad_norm=1.0))
+        if it % train_cfg.log_interval == 0 or it == train_cfg.train_iters:  # the loop logs
+            logged.append((it, {"lm loss": 2.0}))
+        cb(_State(it, logged), SimpleNamespace(reports=[], lr=0.1, grad_norm=1.0))
     logger.close()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["iteration"] for r in lines] == [2, 4, 5]
