@@ -26,14 +26,48 @@ import math
 import torch
 
 from megatron_tempnet.tempnet.comm import MAX, SUM, all_reduce, group_rank_size
-from megatron_tempnet.tempnet.reference import compute_dtype, reduce_token_losses
+from megatron_tempnet.tempnet.reference import OBJECTIVES, compute_dtype, reduce_token_losses
+
+
+def row_results(m_tau, sum_exp_tau, weighted, z_y, m_one, sum_exp_one, tau, rho: float,
+                log_vocab: float, objective: str):
+    """Per-row results from the TP-reduced row statistics, each [t] (tempnet.md 1).
+
+    Inputs: m_tau = max z/tau, sum_exp_tau = S = sum exp(z/tau - m_tau), weighted = A =
+    sum exp(z/tau - m_tau) * (z/tau - m_tau), z_y (target logit), m_one = max z, sum_exp_one =
+    sum exp(z - m_one), tau. With log Z_tau = m_tau + log S, H(p_tau) = log S - A/S and
+    E_p[z/tau] = m_tau + A/S, returns (loss, ce, tempered_ce, grad_tau, grad_scale):
+
+    objective "dro":          loss = tau * CE(z/tau, y) + (rho - log V) * tau
+                              dloss/dz = (p_tau - e_y),          dloss/dtau = rho - KL(p_tau || u)
+    objective "tempered_ce":  loss = CE(z/tau, y)
+                              dloss/dz = (p_tau - e_y) / tau,
+                              dloss/dtau = (z_y/tau - E_p[z/tau]) / tau
+    grad_scale is the per-row factor of (p_tau - e_y) in dloss/dz. Every implementation (torch,
+    fused kernels) finishes with this function, so the math lives here once.
+    """
+    log_sum = torch.log(sum_exp_tau)
+    tempered_ce = m_tau + log_sum - z_y / tau
+    ce = m_one + torch.log(sum_exp_one) - z_y
+    mean_shift = weighted / sum_exp_tau  # E_p[z/tau] - m_tau
+    if objective == "dro":
+        loss = tau * tempered_ce + (rho - log_vocab) * tau
+        grad_tau = rho - log_vocab + log_sum - mean_shift  # rho - log V + H(p_tau)
+        grad_scale = torch.ones_like(tau)
+    elif objective == "tempered_ce":
+        loss = tempered_ce
+        grad_tau = (z_y / tau - m_tau - mean_shift) / tau
+        grad_scale = 1.0 / tau
+    else:
+        raise ValueError(f"DRO loss: unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    return loss, ce, tempered_ce, grad_tau, grad_scale
 
 
 class _VocabParallelDRO(torch.autograd.Function):
     """Per-token DRO loss on a vocab shard; returns (loss, ce, tempered_ce), each [t]."""
 
     @staticmethod
-    def forward(ctx, logits, target, tau, rho, tp_group):
+    def forward(ctx, logits, target, tau, rho, tp_group, objective):
         # logits [t, v/tp] (any float dtype), target [t] (global ids), tau [t] (same on all ranks)
         rank, size = group_rank_size(tp_group)
         v_local = logits.shape[-1]
@@ -65,38 +99,37 @@ class _VocabParallelDRO(torch.autograd.Function):
         all_reduce(sums, SUM, tp_group)
         sum_exp_tau, weighted, z_y, sum_exp_one = sums.unbind(-1)
 
-        # 3. per-row results (tempnet.md 1): log Z_tau = m + log S, H(p_tau) = log S - A / S
-        log_sum = torch.log(sum_exp_tau)
-        tempered_ce = m_tau + log_sum - z_y / tau
-        loss = tau * tempered_ce + (rho - log_vocab) * tau
-        ce = m_one + torch.log(sum_exp_one) - z_y
-        entropy = log_sum - weighted / sum_exp_tau
-        grad_tau = rho - log_vocab + entropy  # dl/dtau = rho - KL(p_tau || u)
+        # 3. per-row results and gradient coefficients (shared with the fused kernels)
+        loss, ce, tempered_ce, grad_tau, grad_scale = row_results(
+            m_tau, sum_exp_tau, weighted, z_y, m_one, sum_exp_one, tau, rho, log_vocab, objective)
 
         ctx.logits_dtype, ctx.tau_dtype = logits.dtype, tau_dtype
         if ctx.needs_input_grad[0]:  # p_tau is kept only when the LM is trained
             probs = exp_tau.div_(sum_exp_tau.unsqueeze(-1))  # [t, v/tp] p_tau, in place
-            ctx.save_for_backward(probs, owned, local_target, grad_tau)
+            ctx.save_for_backward(probs, owned, local_target, grad_tau, grad_scale)
         else:
-            ctx.save_for_backward(None, None, None, grad_tau)
+            ctx.save_for_backward(None, None, None, grad_tau, None)
+        if tempered_ce is loss:  # objective "tempered_ce": the logged copy must stay detached
+            tempered_ce = loss.detach().clone()
         ctx.mark_non_differentiable(ce, tempered_ce)
         return loss, ce, tempered_ce
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_tempered):
-        probs, owned, local_target, grad_tau = ctx.saved_tensors
+        probs, owned, local_target, grad_tau, grad_scale = ctx.saved_tensors
         grad_logits = None
         if ctx.needs_input_grad[0]:
-            # dl/dz = (p_tau - onehot(y)) * grad, in place in the saved p_tau (one backward only,
-            # as megatron-core's vocab-parallel CE)
+            # dl/dz = (p_tau - onehot(y)) * grad_scale * grad, in place in the saved p_tau (one
+            # backward only, as megatron-core's vocab-parallel CE)
             rows = torch.arange(probs.shape[0], device=probs.device)
             probs[rows, local_target] -= owned.to(probs.dtype)
-            grad_logits = probs.mul_(grad_loss.to(probs.dtype).unsqueeze(-1))
+            row_grad = grad_loss.to(probs.dtype) * grad_scale
+            grad_logits = probs.mul_(row_grad.unsqueeze(-1))
             grad_logits = grad_logits.to(ctx.logits_dtype)
         grad_of_tau = None
-        if ctx.needs_input_grad[2]:  # dl/dtau = rho - KL(p_tau || u), per row, same on all ranks
+        if ctx.needs_input_grad[2]:  # per row, identical on all TP ranks
             grad_of_tau = (grad_loss * grad_tau).to(ctx.tau_dtype)
-        return grad_logits, None, grad_of_tau, None, None
+        return grad_logits, None, grad_of_tau, None, None, None
 
 
 def _check_shapes(logits, target, tau):
@@ -110,26 +143,29 @@ def _check_shapes(logits, target, tau):
 
 
 def dro_loss_per_token(logits_shard: torch.Tensor, target: torch.Tensor, tau: torch.Tensor,
-                       rho: float, tp_group=None):
+                       rho: float, tp_group=None, objective: str = "dro"):
     """Per-token (loss, ce, tempered_ce), each [...]: the one dispatch point of the DRO loss.
 
     logits_shard [..., v/tp] (this rank's vocabulary slice, rank r holding ids
     [r*v/tp, (r+1)*v/tp)), target [...] global token ids (out of range, e.g. -100, reads z_y = 0:
     only for masked tokens), tau [...] > 0 and identical on all TP ranks. ``loss`` is
     differentiable in logits and tau; ce (plain, tau = 1) and tempered_ce are for logging.
-    tp_group None or of size 1: no communication.
+    objective "dro" (the DRO loss) or "tempered_ce" (loss = CE(z/tau, y): TempNet without DRO);
+    see ``row_results``. tp_group None or of size 1: no communication.
     """
     _check_shapes(logits_shard, target, tau)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"DRO loss: unknown objective {objective!r}; choose one of {OBJECTIVES}")
     lead = target.shape
     flat = logits_shard.reshape(-1, logits_shard.shape[-1])  # [t, v/tp]
     loss, ce, tempered = _VocabParallelDRO.apply(flat, target.reshape(-1), tau.reshape(-1),
-                                                 float(rho), tp_group)
+                                                 float(rho), tp_group, objective)
     return loss.view(lead), ce.view(lead), tempered.view(lead)
 
 
 def dro_loss(logits_shard: torch.Tensor, target: torch.Tensor, tau: torch.Tensor,
-             loss_mask: torch.Tensor, rho: float, tp_group=None):
-    """Loss-mask weighted mean DRO loss and detached stats (tempnet.md sections 1 and 3).
+             loss_mask: torch.Tensor, rho: float, tp_group=None, objective: str = "dro"):
+    """Loss-mask weighted mean DRO loss (or tempered CE, ``objective``) and detached stats (tempnet.md sections 1 and 3).
 
     Shapes: logits_shard [s, b, v/tp] (megatron's layout) or any [..., v/tp]; target, tau and
     loss_mask [...] (e.g. [s, b]). Returns (loss_scalar, stats) with stats = {dro_loss, ce,
@@ -139,5 +175,6 @@ def dro_loss(logits_shard: torch.Tensor, target: torch.Tensor, tau: torch.Tensor
     if tuple(loss_mask.shape) != tuple(target.shape):
         raise ValueError(f"DRO loss: loss_mask {tuple(loss_mask.shape)} must have the target's "
                          f"shape {tuple(target.shape)}")
-    loss_tok, ce_tok, tempered_tok = dro_loss_per_token(logits_shard, target, tau, rho, tp_group)
+    loss_tok, ce_tok, tempered_tok = dro_loss_per_token(logits_shard, target, tau, rho, tp_group,
+                                                        objective)
     return reduce_token_losses(loss_tok, ce_tok, tempered_tok, tau, loss_mask)

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 
 from megatron_tempnet.tempnet.config import TempNetConfig
 
-NORM_EPS = 1e-12  # tempnet.md 2.1: x = z / max(||z||_2, 1e-12)
+NORM_EPS = 1e-12
+# "dro": loss = tau * CE(z/tau, y) + (rho - log V) * tau; "tempered_ce": loss = CE(z/tau, y)
+OBJECTIVES = ("dro", "tempered_ce")  # tempnet.md 2.1: x = z / max(||z||_2, 1e-12)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,8 +38,9 @@ def target_logit(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def dro_loss_per_token_reference(logits_full: torch.Tensor, target: torch.Tensor,
-                                 tau: torch.Tensor, rho: float):
-    """Per-token l = tau * CE(z / tau, y) + (rho - log V) * tau (tempnet.md section 1).
+                                 tau: torch.Tensor, rho: float, objective: str = "dro"):
+    """Per-token l = tau * CE(z / tau, y) + (rho - log V) * tau (tempnet.md section 1), or
+    l = CE(z / tau, y) for objective "tempered_ce" (TempNet without DRO).
 
     logits_full [..., V], target [...] (int), tau [...] > 0. Returns (loss, ce, tempered_ce),
     each [...]; ``loss`` is differentiable in logits and tau, the other two are detached.
@@ -47,7 +50,12 @@ def dro_loss_per_token_reference(logits_full: torch.Tensor, target: torch.Tensor
     vocab = z.shape[-1]
     log_z_tau = torch.logsumexp(z / tau.unsqueeze(-1), dim=-1)  # [...]
     tempered_ce = log_z_tau - target_logit(z, target) / tau
-    loss = tau * tempered_ce + (rho - math.log(vocab)) * tau
+    if objective == "dro":
+        loss = tau * tempered_ce + (rho - math.log(vocab)) * tau
+    elif objective == "tempered_ce":
+        loss = tempered_ce
+    else:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
     with torch.no_grad():
         ce = torch.logsumexp(z, dim=-1) - target_logit(z, target)
     return loss, ce, tempered_ce.detach()
@@ -86,9 +94,10 @@ def reduce_token_losses(loss_tok: torch.Tensor, ce_tok: torch.Tensor, tempered_t
 
 
 def dro_loss_reference(logits_full: torch.Tensor, target: torch.Tensor, tau: torch.Tensor,
-                       loss_mask: torch.Tensor, rho: float):
+                       loss_mask: torch.Tensor, rho: float, objective: str = "dro"):
     """Dense DRO loss: (loss-mask weighted mean, stats); see ``reduce_token_losses``."""
-    loss_tok, ce_tok, tempered_tok = dro_loss_per_token_reference(logits_full, target, tau, rho)
+    loss_tok, ce_tok, tempered_tok = dro_loss_per_token_reference(logits_full, target, tau, rho,
+                                                                  objective)
     return reduce_token_losses(loss_tok, ce_tok, tempered_tok, tau, loss_mask)
 
 
