@@ -32,7 +32,8 @@ SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConf
 _SECTION_PREFIX = {"tempnet": "tempnet-"}
 _FLAG_NAMES = {("model", "family"): "--model-family",
                # DeepSpeed's (and Megatron-DeepSpeed's) own spelling
-               ("deepspeed", "deepspeed_config"): "--deepspeed_config"}
+               ("deepspeed", "deepspeed_config"): "--deepspeed_config",
+               ("tempnet", "dro_loss_impl"): "--dro-loss-impl"}
 
 
 @dataclass

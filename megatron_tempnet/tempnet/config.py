@@ -20,6 +20,11 @@ LOSS_MODES = ("ce", "dro_fixed_tau", "tempnet_dro")
 # "scratch": LM + TempNet from random init; "finetune": a pretrained LM (loaded from a
 # checkpoint) + TempNet, both trained; "frozen_lm": only TempNet trains (LM requires_grad=False).
 TRAINING_MODES = ("scratch", "finetune", "frozen_lm")
+# Implementations of the DRO loss (tempnet/loss.py dispatches): "reference" (torch ops), "fused"
+# (Triton streaming kernel on the logits shard), "fused_linear" (output projection + TempNet +
+# loss in token chunks; the logits never exist whole); "auto": fused on CUDA with Triton, else
+# reference.
+DRO_LOSS_IMPLS = ("auto", "reference", "fused", "fused_linear")
 
 
 @dataclass
@@ -48,6 +53,8 @@ class TempNetConfig:
     fixed_tau:    the constant tau of "dro_fixed_tau" (tau = 1 gives CE + rho - log V).
     training_mode: "scratch" | "finetune" | "frozen_lm" (tempnet.md 2: the three modes).
                   frozen_lm trains TempNet only, so it needs loss_mode "tempnet_dro".
+    dro_loss_impl: ``--dro-loss-impl`` auto | reference | fused | fused_linear (see
+                  ``DRO_LOSS_IMPLS``); every one computes the same math (tempnet/loss.py).
     """
 
     rho: float = 8.0
@@ -62,6 +69,7 @@ class TempNetConfig:
     loss_mode: str = "ce"
     fixed_tau: float = 1.0
     training_mode: str = "scratch"
+    dro_loss_impl: str = "auto"
 
     def validate(self) -> "TempNetConfig":
         """Raise ConfigError naming the field (and its flag), the value and the fix."""
@@ -99,6 +107,9 @@ class TempNetConfig:
             raise bad("loss_mode", f"choose one of {LOSS_MODES}")
         if self.fixed_tau <= 0:
             raise bad("fixed_tau", "must be > 0 (tau divides the logits)")
+        if self.dro_loss_impl not in DRO_LOSS_IMPLS:
+            raise ConfigError(f"TempNetConfig.dro_loss_impl (--dro-loss-impl) = "
+                              f"{self.dro_loss_impl!r}: choose one of {DRO_LOSS_IMPLS}")
         if self.training_mode not in TRAINING_MODES:
             raise bad("training_mode", f"choose one of {TRAINING_MODES}")
         if self.training_mode == "frozen_lm" and self.loss_mode != "tempnet_dro":
