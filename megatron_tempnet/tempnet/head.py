@@ -28,6 +28,55 @@ from megatron_tempnet.tempnet.config import TempNetConfig
 from megatron_tempnet.tempnet.reference import NORM_EPS, compute_dtype
 
 PARAM_NAMES = ("w1", "b1", "w2", "b2", "pool_scale", "pool_w", "pool_c")
+# Rows of the logits converted to the compute dtype at a time by ``_ProjectLogits``: about
+# 2**26 elements (256 MiB in fp32) whatever the vocabulary.
+CHUNK_ELEMENTS = 1 << 26
+
+
+class _ProjectLogits(torch.autograd.Function):
+    """[W1 z, ||z||^2] per row [t, M + 1] of the detached logits z [t, v/tp], in row chunks.
+
+    The logits stay in their own dtype: each chunk is converted to the compute dtype (fp32, or
+    fp64 for fp64 parameters), optionally shifted by ``shift`` [t], multiplied and dropped; the
+    backward recomputes the chunk for dW1 = sum_chunks grad[:, :M]^T z_chunk. Nothing of size
+    [t, v/tp] in fp32 is allocated or kept for the backward (the logits are saved, not copied).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, w1, shift):
+        dtype = compute_dtype(w1.dtype)
+        t, v = logits.shape
+        m = w1.shape[0]
+        weight = w1.to(dtype)
+        out = torch.empty(t, m + 1, dtype=dtype, device=logits.device)
+        for rows in _row_chunks(t, v):
+            z = _chunk(logits, rows, shift, dtype)
+            out[rows, :m] = z @ weight.t()
+            out[rows, m] = torch.linalg.vecdot(z, z, dim=-1)
+        ctx.save_for_backward(logits, w1, shift)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, w1, shift = ctx.saved_tensors
+        grad_w1 = None
+        if ctx.needs_input_grad[1]:
+            m = w1.shape[0]
+            grad_w1 = torch.zeros(w1.shape, dtype=grad.dtype, device=grad.device)
+            for rows in _row_chunks(*logits.shape):
+                grad_w1.addmm_(grad[rows, :m].t(), _chunk(logits, rows, shift, grad.dtype))
+            grad_w1 = grad_w1.to(w1.dtype)
+        return None, grad_w1, None
+
+
+def _row_chunks(t: int, v: int):
+    step = max(1, CHUNK_ELEMENTS // max(v, 1))
+    return [slice(i, min(i + step, t)) for i in range(0, t, step)]
+
+
+def _chunk(logits, rows, shift, dtype):
+    z = logits[rows].to(dtype)
+    return z if shift is None else z - shift[rows].to(dtype).unsqueeze(-1)
 
 
 def full_init_params(config: TempNetConfig, vocab_size: int, seed: int,
@@ -93,14 +142,13 @@ class TempNetHead(nn.Module):
                              f"size {size}")
         cfg, dtype = self.config, compute_dtype(self.w1.dtype)
         lead = logits_shard.shape[:-1]
-        z = logits_shard.detach().reshape(-1, v_local).to(dtype)  # [t, v/tp], no grad to the LM
+        z = logits_shard.detach().reshape(-1, v_local)  # [t, v/tp], own dtype, no grad to the LM
 
+        row_max = None
         if cfg.input_convention == "max_shifted":  # 0. z - max z (tempnet.md 2.1)
-            row_max = all_reduce(z.amax(dim=-1), MAX, tp_group)  # [t]
-            z = z - row_max.unsqueeze(-1)
-        # 1.+2a. W1 z and ||z||^2 in one packed all-reduce (tempnet.md 3)
-        partial = torch.cat([z @ self.w1.to(dtype).t(),  # [t, M]
-                             torch.linalg.vecdot(z, z, dim=-1).unsqueeze(-1)], dim=-1)
+            row_max = all_reduce(z.amax(dim=-1).to(dtype), MAX, tp_group)  # [t]
+        # 1.+2a. W1 z and ||z||^2 in one packed all-reduce (tempnet.md 3), chunked in fp32
+        partial = _ProjectLogits.apply(z, self.w1, row_max)  # [t, M + 1]
         packed = reduce_from_tp(partial, tp_group)  # [t, M + 1]
         m = cfg.hidden_size
         norm = packed[:, m].sqrt().clamp_min(NORM_EPS)  # [t]  max(||z||, 1e-12)

@@ -15,18 +15,30 @@ megatron-core's fused vocab-parallel CE (its unfused one uses three):
 The backward needs no communication: dl/dz = p_tau - onehot(y) on each shard and
 dl/dtau = rho - KL(p_tau || u) = rho - log V + H(p_tau) per row, identical on all TP ranks.
 
-Layers (style.md practice 8): ``_VocabParallelDRO`` (autograd Function, torch ops),
-``dro_loss_per_token`` (the one dispatch point; issue 5's fused kernel plugs in there),
-``dro_loss`` (loss-mask weighted mean + logged stats, shared with the reference).
+Implementations (``--dro-loss-impl``), one math: both finish with ``row_results``.
+  reference  ``_VocabParallelDRO``: torch ops; holds fp32 [t, v/tp] temporaries and keeps p_tau
+             (fp32) for the backward.
+  fused      ``_FusedDRO``: Triton (tempnet/triton_kernels.py); one streaming pass for the row
+             statistics, one for the gradient, written in the logits' dtype. Keeps only the
+             logits (no copy) and [t] vectors; the same two all-reduces (``combine_row_stats``).
+  fused_linear  the output projection is fused too (tempnet/fused_linear.py): the model calls it
+             with the hidden states instead of this function with logits.
+
+Layers (style.md practice 8): the autograd Functions, ``dro_loss_per_token`` (the one dispatch
+point), ``dro_loss`` (loss-mask weighted mean + logged stats, shared with the reference).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import torch
 
 from megatron_tempnet.tempnet.comm import MAX, SUM, all_reduce, group_rank_size
 from megatron_tempnet.tempnet.reference import OBJECTIVES, compute_dtype, reduce_token_losses
+
+IMPLS = ("reference", "fused", "fused_linear")  # tempnet.config.DRO_LOSS_IMPLS adds "auto"
 
 
 def row_results(m_tau, sum_exp_tau, weighted, z_y, m_one, sum_exp_one, tau, rho: float,
@@ -132,6 +144,108 @@ class _VocabParallelDRO(torch.autograd.Function):
         return grad_logits, None, grad_of_tau, None, None, None
 
 
+def combine_row_stats(local: torch.Tensor, tp_group):
+    """Merge per-shard row statistics [t, 6] (triton_kernels.row_stats: m_tau, S, A, m_one,
+    S_one, z_y, each relative to the shard's own maxima) into the full-vocabulary ones.
+
+    Collectives: all-reduce(max) of [m_tau, m_one] [t, 2], then all-reduce(sum) of the sums
+    rescaled to the global maxima [t, 4] (as the torch path). TP=1: scale factors are exactly 1.
+    Returns (m_tau, S, A, z_y, m_one, S_one), each [t] fp32.
+    """
+    maxima = local[:, [0, 3]].clone()  # [t, 2]
+    all_reduce(maxima, MAX, tp_group)
+    m_tau, m_one = maxima.unbind(-1)
+    shift = local[:, 0] - m_tau  # <= 0: this shard's max relative to the global one
+    scale = torch.exp(shift)
+    sums = torch.stack([local[:, 1] * scale,  # S
+                        scale * (local[:, 2] + shift * local[:, 1]),  # A
+                        local[:, 5],  # z_y (0 on the shards not owning y)
+                        local[:, 4] * torch.exp(local[:, 3] - m_one)], dim=-1)  # S_one  [t, 4]
+    all_reduce(sums, SUM, tp_group)
+    sum_exp_tau, weighted, z_y, sum_exp_one = sums.unbind(-1)
+    return m_tau, sum_exp_tau, weighted, z_y, m_one, sum_exp_one
+
+
+def fused_row_results(logits, target, tau, rho: float, tp_group, objective: str):
+    """Row statistics by the Triton kernel, merged over TP, finished by ``row_results``.
+
+    logits [t, v/tp] (rows contiguous, bf16/fp16/fp32), target [t], tau [t]. Returns
+    (loss, ce, tempered_ce, grad_tau, grad_scale, lse), each [t] fp32; lse = log sum exp(z/tau)
+    over the full vocabulary (what ``triton_kernels.write_grad`` needs).
+    """
+    from megatron_tempnet.tempnet import triton_kernels
+
+    rank, size = group_rank_size(tp_group)
+    v_local = logits.shape[-1]
+    local = triton_kernels.row_stats(logits, tau, target, rank * v_local)
+    m_tau, sum_exp_tau, weighted, z_y, m_one, sum_exp_one = combine_row_stats(local, tp_group)
+    results = row_results(m_tau, sum_exp_tau, weighted, z_y, m_one, sum_exp_one,
+                          tau.to(torch.float32), rho, math.log(v_local * size), objective)
+    return (*results, m_tau + torch.log(sum_exp_tau))
+
+
+class _FusedDRO(torch.autograd.Function):
+    """``_VocabParallelDRO`` with Triton streaming passes: keeps the logits and [t] vectors."""
+
+    @staticmethod
+    def forward(ctx, logits, target, tau, rho, tp_group, objective):
+        loss, ce, tempered_ce, grad_tau, grad_scale, lse = fused_row_results(
+            logits, target, tau, rho, tp_group, objective)
+        if tempered_ce is loss:
+            tempered_ce = loss.detach().clone()
+        ctx.tp_group, ctx.tau_dtype = tp_group, tau.dtype
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logits, target, tau, lse, grad_tau, grad_scale)
+        else:
+            ctx.save_for_backward(None, None, None, None, grad_tau, None)
+        ctx.mark_non_differentiable(ce, tempered_ce)
+        return loss, ce, tempered_ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_tempered):
+        from megatron_tempnet.tempnet import triton_kernels
+
+        logits, target, tau, lse, grad_tau, grad_scale = ctx.saved_tensors
+        grad_logits = grad_of_tau = None
+        if ctx.needs_input_grad[0]:
+            rank, _ = group_rank_size(ctx.tp_group)
+            grad_logits = triton_kernels.write_grad(
+                logits, torch.empty_like(logits), tau, target, lse,
+                grad_loss.float() * grad_scale, rank * logits.shape[-1])
+        if ctx.needs_input_grad[2]:
+            grad_of_tau = (grad_loss * grad_tau).to(ctx.tau_dtype)
+        return grad_logits, None, grad_of_tau, None, None, None
+
+
+def kernels_available(device: torch.device) -> str | None:
+    """None if the Triton kernels can run on ``device``, else the reason they cannot."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton, or the [gpu] extra)"
+    if device.type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None  # Triton's interpreter runs the kernels on the CPU (tests; slow)
+    return (f"the logits are on {device.type}; Triton kernels need a CUDA device (or "
+            "TRITON_INTERPRET=1 for Triton's CPU interpreter, slow, used by the tests)")
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation to run for ``--dro-loss-impl impl`` on ``device``: "auto" is "fused"
+    where the kernels can run and "reference" elsewhere; an explicit fused choice that cannot run
+    is an error naming the reason."""
+    if impl == "auto":
+        return "fused" if device.type == "cuda" and kernels_available(device) is None \
+            else "reference"
+    if impl not in IMPLS:
+        raise ValueError(f"--dro-loss-impl {impl!r}: choose one of auto, {', '.join(IMPLS)}")
+    if impl != "reference":
+        why = kernels_available(device)
+        if why is not None:
+            raise RuntimeError(f"--dro-loss-impl {impl} cannot run: {why}; use "
+                               "--dro-loss-impl reference (or auto)")
+    return impl
+
+
 def _check_shapes(logits, target, tau):
     lead = tuple(logits.shape[:-1])
     if tuple(target.shape) != lead or tuple(tau.shape) != lead:
@@ -143,7 +257,8 @@ def _check_shapes(logits, target, tau):
 
 
 def dro_loss_per_token(logits_shard: torch.Tensor, target: torch.Tensor, tau: torch.Tensor,
-                       rho: float, tp_group=None, objective: str = "dro"):
+                       rho: float, tp_group=None, objective: str = "dro",
+                       impl: str = "reference"):
     """Per-token (loss, ce, tempered_ce), each [...]: the one dispatch point of the DRO loss.
 
     logits_shard [..., v/tp] (this rank's vocabulary slice, rank r holding ids
@@ -151,21 +266,32 @@ def dro_loss_per_token(logits_shard: torch.Tensor, target: torch.Tensor, tau: to
     only for masked tokens), tau [...] > 0 and identical on all TP ranks. ``loss`` is
     differentiable in logits and tau; ce (plain, tau = 1) and tempered_ce are for logging.
     objective "dro" (the DRO loss) or "tempered_ce" (loss = CE(z/tau, y): TempNet without DRO);
-    see ``row_results``. tp_group None or of size 1: no communication.
+    see ``row_results``. tp_group None or of size 1: no communication. impl: "reference",
+    "fused" or "auto" (``resolve_impl``); "fused_linear" computes the same per-token values here
+    with the fused kernel (the model fuses the output projection itself).
     """
     _check_shapes(logits_shard, target, tau)
     if objective not in OBJECTIVES:
         raise ValueError(f"DRO loss: unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    impl = resolve_impl(impl, logits_shard.device)
     lead = target.shape
     flat = logits_shard.reshape(-1, logits_shard.shape[-1])  # [t, v/tp]
-    loss, ce, tempered = _VocabParallelDRO.apply(flat, target.reshape(-1), tau.reshape(-1),
-                                                 float(rho), tp_group, objective)
+    function = _VocabParallelDRO
+    if impl != "reference":
+        if flat.dtype == torch.float64:
+            raise ValueError("DRO loss: the fused kernels compute in fp32; fp64 logits need "
+                             "--dro-loss-impl reference")
+        function, flat = _FusedDRO, flat.contiguous()
+    loss, ce, tempered = function.apply(flat, target.reshape(-1), tau.reshape(-1), float(rho),
+                                        tp_group, objective)
     return loss.view(lead), ce.view(lead), tempered.view(lead)
 
 
 def dro_loss(logits_shard: torch.Tensor, target: torch.Tensor, tau: torch.Tensor,
-             loss_mask: torch.Tensor, rho: float, tp_group=None, objective: str = "dro"):
-    """Loss-mask weighted mean DRO loss (or tempered CE, ``objective``) and detached stats (tempnet.md sections 1 and 3).
+             loss_mask: torch.Tensor, rho: float, tp_group=None, objective: str = "dro",
+             impl: str = "reference"):
+    """Loss-mask weighted mean DRO loss (or tempered CE, ``objective``) and detached stats
+    (tempnet.md sections 1 and 3); ``impl`` as in ``dro_loss_per_token``.
 
     Shapes: logits_shard [s, b, v/tp] (megatron's layout) or any [..., v/tp]; target, tau and
     loss_mask [...] (e.g. [s, b]). Returns (loss_scalar, stats) with stats = {dro_loss, ce,
@@ -176,5 +302,5 @@ def dro_loss(logits_shard: torch.Tensor, target: torch.Tensor, tau: torch.Tensor
         raise ValueError(f"DRO loss: loss_mask {tuple(loss_mask.shape)} must have the target's "
                          f"shape {tuple(target.shape)}")
     loss_tok, ce_tok, tempered_tok = dro_loss_per_token(logits_shard, target, tau, rho, tp_group,
-                                                        objective)
+                                                        objective, impl)
     return reduce_token_losses(loss_tok, ce_tok, tempered_tok, tau, loss_mask)

@@ -73,8 +73,11 @@ def test_init_is_as_specified(seed):
     assert not torch.equal(TempNetHead(cfg, VOCAB, seed=seed + 1).w1, head.w1)
 
 
+@pytest.mark.parametrize("chunk_elements", [None, 50])  # 50: row by row (VOCAB > 50 / 2)
 @pytest.mark.parametrize("convention", CONVENTIONS)
-def test_tau_and_param_grads_match_reference(seed, convention):
+def test_tau_and_param_grads_match_reference(seed, convention, chunk_elements, monkeypatch):
+    if chunk_elements:  # W1 z and its backward in row chunks of the logits
+        monkeypatch.setattr("megatron_tempnet.tempnet.head.CHUNK_ELEMENTS", chunk_elements)
     head = make_head(seed, convention).eval()
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(4, 3, VOCAB, generator=g, dtype=torch.float64) * 5
