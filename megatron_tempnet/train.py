@@ -88,9 +88,9 @@ def build(run: RunConfig, start_time: float | None = None) -> Trainer:
         log(f"model {run.model.family}: {n:,} parameters on this stage "
             f"(TP={ctx.tp_size} PP={ctx.pp_size} DP={ctx.dp_size}), loss "
             f"{run.tempnet.loss_mode}, mode {run.tempnet.training_mode}")
-    step, checkpointer, iteration, consumed = None, None, 0, 0
+    step = None
     if ds.deepspeed:
-        chunks, optimizer, scheduler, step = _deepspeed(run, model, ctx)
+        chunks, optimizer, scheduler, step, checkpointer = _deepspeed(run, model, ctx)
     else:
         chunks = [wrap_ddp(model, use_distributed_optimizer=par.use_distributed_optimizer)]
         optimizer = build_optimizer(chunks, tr, tempnet_cfg=run.tempnet,
@@ -98,8 +98,8 @@ def build(run: RunConfig, start_time: float | None = None) -> Trainer:
         scheduler = build_scheduler(optimizer, tr)
         checkpointer = Checkpointer(ck, chunks, optimizer, scheduler, ctx,
                                     run_record(run.model, run.tempnet, tr, ctx), log=log)
-        iteration, consumed = checkpointer.load()
-        batches.load_state_dict({"consumed_samples": consumed})
+    iteration, consumed = checkpointer.load()
+    batches.load_state_dict({"consumed_samples": consumed})
     return Trainer(run, ctx, chunks, optimizer, scheduler, batches, checkpointer,
                    RunControl(ck, start_time=start_time, device=ctx.device),
                    TrainState(iteration=iteration, consumed_samples=consumed),
@@ -123,21 +123,21 @@ def _callbacks(run: RunConfig, chunks: list, valid_batches, ctx: ParallelContext
 
 
 def _deepspeed(run: RunConfig, model, ctx: ParallelContext):
-    """The DeepSpeed engine path (ZeRO 1/2): its step replaces the megatron-core step."""
+    """The DeepSpeed engine path (ZeRO 1/2): its step replaces the megatron-core step, its
+    checkpointer (DeepSpeed's own format, our marker and run control) the megatron-core one."""
     from functools import partial
 
-    from megatron_tempnet.config import ConfigError
-    from megatron_tempnet.training.deepspeed import build_deepspeed_engine, deepspeed_train_step
+    from megatron_tempnet.training.deepspeed import (DeepSpeedCheckpointer,
+                                                     build_deepspeed_engine, deepspeed_train_step)
 
-    if run.checkpoint.save or run.checkpoint.load:
-        raise ConfigError("--save/--load are not supported with --deepspeed yet (ZeRO optimizer "
-                          "state is not in dist_checkpointing format): drop them, or train "
-                          "without --deepspeed")
     engine, scheduler = build_deepspeed_engine(model, run.train, ctx,
                                                run.deepspeed.deepspeed_config,
                                                tempnet_cfg=run.tempnet)
-    return [engine.module], engine.optimizer, scheduler, partial(deepspeed_train_step, engine,
-                                                                 scheduler)
+    checkpointer = DeepSpeedCheckpointer(run.checkpoint, engine, scheduler, ctx,
+                                         run_record(run.model, run.tempnet, run.train, ctx),
+                                         log=log)
+    return ([engine.module], engine.optimizer, scheduler,
+            partial(deepspeed_train_step, engine, scheduler), checkpointer)
 
 
 def main(argv=None) -> int:

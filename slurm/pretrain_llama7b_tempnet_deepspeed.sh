@@ -2,10 +2,12 @@
 # LLaMA-2 7B + TempNet/DRO loss with DeepSpeed ZeRO-1 instead of megatron-core's distributed
 # optimizer, 4 nodes x 8 H100 (same layout as pretrain_llama7b_tempnet.sh: TP=2, DP=16).
 #   DATA_PATH=/data/corpus_text_document TOKENIZER_MODEL=/data/llama2.model \
-#   sbatch slurm/pretrain_llama7b_tempnet_deepspeed.sh
-# Checkpointing is not supported under --deepspeed yet (ZeRO's optimizer state is not in
-# megatron-core's dist_checkpointing format): this variant runs without checkpoints and cannot
-# resume after preemption. Use pretrain_llama7b_tempnet.sh for long runs.
+#   CHECKPOINT_DIR=/ckpt/llama7b-tempnet-ds sbatch slurm/pretrain_llama7b_tempnet_deepspeed.sh
+# Checkpoints are DeepSpeed's own (engine.save_checkpoint: CHECKPOINT_DIR/iter_*/ with ZeRO's
+# optimizer partitions) under the same latest_checkpointed_iteration.txt marker, so preemption,
+# requeue and resume work as in the other scripts. A resume keeps the tensor- and data-parallel
+# sizes (ZeRO's partitions are per rank): the same nodes and GPUs per node. Only --deepspeed
+# runs load these checkpoints (and only runs without it load megatron-core's).
 # DeepSpeed reads the torchrun environment (RANK, WORLD_SIZE, ...), so the launcher is the same;
 # DEEPSPEED_CONFIG picks the ZeRO stage (configs/deepspeed/zero1.json, zero2.json, ...).
 #SBATCH --job-name=llama7b-tempnet-ds
@@ -15,6 +17,7 @@
 #SBATCH --cpus-per-task=96
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
+#SBATCH --requeue
 #SBATCH --signal=B:USR1@300
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
@@ -22,12 +25,7 @@ set -euo pipefail
 
 : "${DATA_PATH:?set DATA_PATH to the dataset prefix(es), e.g. /data/corpus_text_document}"
 : "${TOKENIZER_MODEL:?set TOKENIZER_MODEL to the LLaMA SentencePiece tokenizer.model}"
-CHECKPOINT_DIR=${CHECKPOINT_DIR:-none}
-if [[ "$CHECKPOINT_DIR" != none ]]; then
-  echo "error: CHECKPOINT_DIR=$CHECKPOINT_DIR: checkpointing under --deepspeed is not supported" \
-    "yet; unset CHECKPOINT_DIR, or use slurm/pretrain_llama7b_tempnet.sh" >&2
-  exit 2
-fi
+: "${CHECKPOINT_DIR:?set CHECKPOINT_DIR to the checkpoint directory (saved to, resumed from)}"
 RUN_CONFIG=${RUN_CONFIG:-configs/runs/llama2-7b-tempnet.yaml}
 DEEPSPEED_CONFIG=${DEEPSPEED_CONFIG:-configs/deepspeed/zero1.json}
 EXTRA_ARGS=(--deepspeed --deepspeed_config "$DEEPSPEED_CONFIG")

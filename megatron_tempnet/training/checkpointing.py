@@ -25,6 +25,13 @@ the RNG states are not restored (a warning says so). ``--finetune`` loads model 
 megatron-core 0.16.1 with torch's Adam (no apex / TE) needs two small workarounds on load:
 :func:`ensure_optimizer_state` and :func:`load_optimizer_state`.
 
+Under ``--deepspeed`` the same marker names ``iter_*`` directories that hold DeepSpeed's own
+checkpoint (``training/deepspeed.py``, ``DeepSpeedCheckpointer``); :class:`Checkpointer` holds
+what both formats share: when to save, the save protocol (stale directory cleared, every rank
+writes, barrier, marker, keep-last), the shape check, which states a resume restores, and the
+scheduler / RNG / data position it hands back. Each format refuses the other's checkpoints by
+name (:data:`CHECKPOINT_FORMATS`).
+
 When a run stops (:class:`RunControl`, checked once per iteration with ONE small all-reduce so
 that every rank agrees):
 - SIGTERM / SIGUSR1 (SLURM's preemption / ``--signal``): save, exit ``EXIT_CODE_PREEMPTED``;
@@ -52,6 +59,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_tempnet.config import ConfigError
+from megatron_tempnet.tempnet.config import TEMPNET_LOSS_MODES
 
 EXIT_CODE_PREEMPTED = 3  # SIGTERM / SIGUSR1: checkpoint saved, requeue the job
 EXIT_CODE_TIME_LIMIT = 4  # --exit-duration-in-mins: checkpoint saved, requeue the job
@@ -67,6 +75,17 @@ SHAPE_FIELDS = ("family", "num_layers", "hidden_size", "num_attention_heads", "n
 # (0.16.1's default "fully_sharded_model_space" fails: "flattened_range is not supported").
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                       "chained_optim_avoid_prefix": True}
+# Checkpoint format -> (the file a complete checkpoint directory has, what it is, how to load
+# it). torch_dist: megatron-core writes metadata.json last; deepspeed: DeepSpeed's model states
+# of tensor-parallel rank 0 (its completeness is the marker's job, written after every rank).
+CHECKPOINT_FORMATS = {
+    "torch_dist": ("metadata.json", "a megatron-core dist_checkpointing checkpoint",
+                   "load it without --deepspeed"),
+    "deepspeed": ("mp_rank_00_model_states.pt", "a DeepSpeed checkpoint",
+                  "load it with --deepspeed --deepspeed_config <the ZeRO config of its run> "
+                  "(training only: evaluation and the Hugging Face export read megatron-core "
+                  "checkpoints)"),
+}
 
 
 @dataclass
@@ -173,23 +192,43 @@ def describe_dir(path: Path, limit: int = 12) -> str:
     return ", ".join(names) + more if names else "nothing (empty directory)"
 
 
-def resolve_load_dir(load: str, save: str | None) -> Path | None:
+def checkpoint_format(path: Path) -> str | None:
+    """The format of the checkpoint directory ``path`` (a key of CHECKPOINT_FORMATS), or None."""
+    for fmt, (complete, _, _) in CHECKPOINT_FORMATS.items():
+        if (path / complete).exists():
+            return fmt
+    return None
+
+
+def _require_format(path: Path, fmt: str, load: str) -> None:
+    found = checkpoint_format(path)
+    if found is not None and found != fmt:
+        _, what, how = CHECKPOINT_FORMATS[found]
+        raise ConfigError(f"--load {load}: {path} is {what}, not "
+                          f"{CHECKPOINT_FORMATS[fmt][1]}: {how}")
+
+
+def resolve_load_dir(load: str, save: str | None, fmt: str = "torch_dist") -> Path | None:
     """The checkpoint directory ``--load`` names, or None to start from scratch.
 
     ``load/latest_checkpointed_iteration.txt`` -> that iteration's directory; a directory that
-    is itself one checkpoint (has metadata.json) -> it. With no checkpoint yet, a run whose
-    --load is its own --save starts from scratch (the first job of a requeued series);
-    otherwise the error says what the directory holds.
+    is itself one checkpoint (has ``fmt``'s file, e.g. metadata.json) -> it. With no checkpoint
+    yet, a run whose --load is its own --save starts from scratch (the first job of a requeued
+    series); otherwise the error says what the directory holds. A checkpoint of another format
+    (megatron-core's vs DeepSpeed's) is an error naming both.
     """
     root = Path(load)
+    complete = CHECKPOINT_FORMATS[fmt][0]
     latest = read_latest(root) if root.is_dir() else None
     if latest is not None:
         path = iteration_dir(root, latest)
-        if not (path / "metadata.json").exists():
+        _require_format(path, fmt, load)
+        if not (path / complete).exists():
             raise ConfigError(f"--load {load}: {LATEST_FILE} says {latest} but {path} is "
                               f"missing or incomplete; {root} holds {describe_dir(root)}")
         return path
-    if (root / "metadata.json").exists():
+    _require_format(root, fmt, load)
+    if (root / complete).exists():
         return root
     if save is not None and Path(save).resolve() == root.resolve():
         return None
@@ -220,7 +259,7 @@ def shape_mismatches(saved: dict, current: dict, *, finetune: bool) -> list[str]
         if sm.get(name) != cm.get(name):
             out.append(f"{name}: checkpoint {sm.get(name)!r}, this run {cm.get(name)!r}")
     st, ct = saved["tempnet"], current["tempnet"]
-    both_tempnet = st["loss_mode"] == ct["loss_mode"] == "tempnet_dro"
+    both_tempnet = {st["loss_mode"], ct["loss_mode"]} <= set(TEMPNET_LOSS_MODES)  # both heads
     if both_tempnet and st["hidden_size"] != ct["hidden_size"]:
         out.append(f"tempnet hidden_size: checkpoint {st['hidden_size']!r}, this run "
                    f"{ct['hidden_size']!r}")
@@ -357,8 +396,24 @@ def _barrier():
         dist.barrier()
 
 
+@dataclass
+class LoadPlan:
+    """What a ``--load`` restores, decided before any tensor is read."""
+
+    path: Path
+    saved: dict  # iteration, consumed_samples, config (the run record) of the checkpoint
+    resume: bool  # not --finetune: iteration, data position, scheduler
+    load_optim: bool  # the optimizer state and the scheduler's
+    load_rng: bool  # the RNG states (same parallel layout only)
+
+
 class Checkpointer:
-    """Saves and loads the whole training state of this rank's model chunks."""
+    """Saves and loads the whole training state of this rank's model chunks (megatron-core
+    ``dist_checkpointing``). The protocol (:meth:`due`, :meth:`save`, :meth:`plan_load`,
+    :meth:`finish_load`) is shared with ``training.deepspeed.DeepSpeedCheckpointer``, which
+    replaces :meth:`write` and :meth:`load`."""
+
+    FORMAT = "torch_dist"  # a key of CHECKPOINT_FORMATS
 
     def __init__(self, cfg: CheckpointConfig, model_chunks: list, optimizer, scheduler, ctx,
                  record: dict, log=print):
@@ -376,8 +431,8 @@ class Checkpointer:
 
     def save(self, iteration: int, consumed_samples: int) -> Path:
         """1. rank 0 clears a stale (unfinished) directory of this iteration; 2. every rank
-        writes its shards (the RNG states untouched by the save); 3. after a barrier rank 0
-        points the marker at it, then 4. deletes checkpoints beyond keep_last."""
+        writes its part (:meth:`write`; the RNG states untouched by the save); 3. after a
+        barrier rank 0 points the marker at it, then 4. deletes checkpoints beyond keep_last."""
         root, rank0 = Path(self.cfg.save), self.ctx.rank == 0
         path = iteration_dir(root, iteration)
         if read_latest(root) == iteration:  # every rank raises: nobody waits at a barrier
@@ -389,13 +444,7 @@ class Checkpointer:
         _barrier()
         t0 = time.perf_counter()
         rng = get_rng_state()
-        state_dict = model_sharded_state_dict(self.chunks)
-        state_dict.update(
-            optimizer=optimizer_sharded_state_dict(self.optimizer, state_dict),
-            scheduler=self.scheduler.state_dict(), rng_state=rng_sharded_object(self.ctx, rng),
-            iteration=iteration, consumed_samples=consumed_samples,
-            checkpoint_version=CHECKPOINT_VERSION, config=self.record)
-        save_sharded(state_dict, path)
+        self.write(path, iteration, consumed_samples, rng)
         set_rng_state(rng)  # saving must not move any generator: resume stays bitwise exact
         _barrier()
         if rank0:
@@ -408,37 +457,83 @@ class Checkpointer:
             self.log(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
         return path
 
+    def common_state(self, iteration: int, consumed_samples: int) -> dict:
+        """What every format stores beside the tensors (the run record: the shape check)."""
+        return {"iteration": iteration, "consumed_samples": consumed_samples,
+                "scheduler": self.scheduler.state_dict(),
+                "checkpoint_version": CHECKPOINT_VERSION, "config": self.record}
+
+    def write(self, path: Path, iteration: int, consumed_samples: int, rng: dict) -> None:
+        """This rank's shards of the whole training state into ``path``."""
+        state_dict = model_sharded_state_dict(self.chunks)
+        state_dict.update(
+            optimizer=optimizer_sharded_state_dict(self.optimizer, state_dict),
+            rng_state=rng_sharded_object(self.ctx, rng),
+            **self.common_state(iteration, consumed_samples))
+        save_sharded(state_dict, path)
+
+    def plan_load(self, read_saved) -> LoadPlan | None:
+        """Resolve ``--load`` (None: nothing to load) and decide what to restore.
+        ``read_saved(path)`` returns the checkpoint's common state (no tensors read); its run
+        record must give this run's tensor shapes. RNG states are restored at the same
+        (TP, PP, DP) layout only."""
+        cfg = self.cfg
+        if not cfg.load:
+            return None
+        path = resolve_load_dir(cfg.load, cfg.save, self.FORMAT)
+        if path is None:
+            if self.ctx.rank == 0:
+                self.log(f"no checkpoint in {cfg.load} yet: starting from scratch")
+            return None
+        saved = read_saved(path)
+        check_shapes(path, saved["config"], self.record, finetune=cfg.finetune)
+        resume = not cfg.finetune
+        saved_layout = saved["config"]["parallel"]
+        load_rng = resume and not cfg.no_load_rng and saved_layout == self.layout()
+        if resume and not cfg.no_load_rng and not load_rng and self.ctx.rank == 0:
+            self.log(f"warning: {path} was saved at {saved_layout}, this run is "
+                     f"{self.layout()}: RNG states not restored (the run continues, not bitwise)")
+        return LoadPlan(path, saved, resume, resume and not cfg.no_load_optim, load_rng)
+
+    def layout(self) -> dict:
+        return {"tp": self.ctx.tp_size, "pp": self.ctx.pp_size, "dp": self.ctx.dp_size}
+
+    def finish_load(self, plan: LoadPlan, scheduler_state: dict | None, rng: dict | None,
+                    what: str) -> tuple[int, int]:
+        """After the format's own load: the scheduler (its state with the optimizer's; with
+        --no-load-optim the lr schedule continues at the loaded iteration), the RNG states,
+        one log line; returns (iteration, consumed_samples), (0, 0) with --finetune."""
+        if plan.load_optim:
+            self.scheduler.load_state_dict(scheduler_state)
+        elif plan.resume and self.scheduler is not None:  # --no-load-optim: a fresh optimizer,
+            self.scheduler.step(increment=plan.saved["iteration"])  # the lr schedule goes on
+        if plan.load_rng:
+            set_rng_state(rng)
+        if self.ctx.rank == 0:
+            if plan.load_optim:
+                what += ", optimizer, scheduler"
+            self.log(f"loaded {what} from {plan.path}"
+                     + (f" at iteration {plan.saved['iteration']}" if plan.resume else ""))
+        if not plan.resume:
+            return 0, 0
+        return plan.saved["iteration"], plan.saved["consumed_samples"]
+
     def load(self) -> tuple[int, int]:
         """Restore from ``--load``; returns (iteration, consumed_samples), (0, 0) when nothing
         was loaded or with --finetune."""
         from megatron.core import dist_checkpointing
 
-        cfg = self.cfg
-        if not cfg.load:
+        plan = self.plan_load(lambda path: dist_checkpointing.load_common_state_dict(str(path)))
+        if plan is None:
             return 0, 0
-        path = resolve_load_dir(cfg.load, cfg.save)
-        if path is None:
-            if self.ctx.rank == 0:
-                self.log(f"no checkpoint in {cfg.load} yet: starting from scratch")
-            return 0, 0
-        common = dist_checkpointing.load_common_state_dict(str(path))
-        check_shapes(path, common["config"], self.record, finetune=cfg.finetune)
-        resume = not cfg.finetune
-        load_optim = resume and not cfg.no_load_optim
-        saved_layout = common["config"]["parallel"]
-        layout = {"tp": self.ctx.tp_size, "pp": self.ctx.pp_size, "dp": self.ctx.dp_size}
-        load_rng = resume and not cfg.no_load_rng and saved_layout == layout
-        if resume and not cfg.no_load_rng and not load_rng and self.ctx.rank == 0:
-            self.log(f"warning: {path} was saved at {saved_layout}, this run is {layout}: "
-                     "RNG states not restored (the run continues, not bitwise)")
-
+        path = plan.path
         state_dict = model_sharded_state_dict(self.chunks)
-        skipped = self._drop_absent_tempnet(state_dict, path) if cfg.finetune else []
-        if load_optim:
+        skipped = self._drop_absent_tempnet(state_dict, path) if self.cfg.finetune else []
+        if plan.load_optim:
             ensure_optimizer_state(self.optimizer)
             state_dict["optimizer"] = optimizer_sharded_state_dict(self.optimizer, state_dict,
                                                                    is_loading=True)
-        if load_rng:
+        if plan.load_rng:
             state_dict["rng_state"] = rng_sharded_object(self.ctx, None)
         loaded = dist_checkpointing.load(state_dict, str(path))
 
@@ -448,23 +543,10 @@ class Checkpointer:
             if missing or unexpected:
                 raise ConfigError(f"checkpoint {path}: missing {missing}, unexpected "
                                   f"{unexpected} model keys")
-        if load_optim:
+        if plan.load_optim:
             load_optimizer_state(self.optimizer, loaded["optimizer"])
-            self.scheduler.load_state_dict(loaded["scheduler"])
-        elif resume and self.scheduler is not None:  # --no-load-optim: a fresh optimizer,
-            self.scheduler.step(increment=common["iteration"])  # the lr schedule at the iteration
-        if load_rng:
-            set_rng_state(loaded["rng_state"])
-        if self.ctx.rank == 0:
-            what = "model weights" + (f" (TempNet kept its init: {len(skipped)} tensors not in "
-                                      "the checkpoint)" if skipped else "")
-            if load_optim:
-                what += ", optimizer, scheduler"
-            self.log(f"loaded {what} from {path}"
-                     + ("" if cfg.finetune else f" at iteration {common['iteration']}"))
-        if cfg.finetune:
-            return 0, 0
-        return common["iteration"], common["consumed_samples"]
+        return self.finish_load(plan, loaded.get("scheduler"), loaded.get("rng_state"),
+                                model_weights_loaded(skipped))
 
     def _drop_absent_tempnet(self, state_dict: dict, path: Path) -> list[str]:
         """--finetune from a checkpoint without TempNet: TempNet's tensors keep their init."""
@@ -478,6 +560,12 @@ class Checkpointer:
                 del chunk_sd[name]
                 dropped.append(name)
         return dropped
+
+
+def model_weights_loaded(skipped: list) -> str:
+    """The log's "loaded ..." words for the model weights (TempNet tensors kept at init)."""
+    return "model weights" + (f" (TempNet kept its init: {len(skipped)} tensors not in the "
+                              "checkpoint)" if skipped else "")
 
 
 # --- when to stop --------------------------------------------------------------------------------

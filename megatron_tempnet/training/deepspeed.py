@@ -20,6 +20,14 @@ flags stay the source of truth for batch sizes, clipping and precision. A JSON v
 ``optimizer`` or ``scheduler`` section is refused: ours are passed in (DeepSpeed would otherwise
 JIT-compile FusedAdam, and its schedules do not know TempNet's constant-lr group).
 
+Checkpoints (:class:`DeepSpeedCheckpointer`): DeepSpeed's own ``engine.save_checkpoint`` /
+``load_checkpoint`` write and read ``--save DIR/iter_0000100/`` (the tag), inside the protocol
+of ``training/checkpointing.py``: our ``latest_checkpointed_iteration.txt`` (written by rank 0
+after every rank finished and a barrier) names the current tag, which is passed explicitly on
+load; DeepSpeed's own ``latest`` file is not written. Its ``client_state`` carries iteration,
+consumed samples, the Scheduler's state, every rank's RNG states and the run record (shape
+check); resume is bitwise identical to an uninterrupted run (ZeRO-1 and ZeRO-2, fp32 on CPU).
+
 CPU runs (gloo): DeepSpeed's CPU accelerator would JIT-compile a shared-memory all-reduce op on
 first use (~45 s, a C++ toolchain needed). :func:`build_deepspeed_engine` marks it incompatible
 (``deepspeed.ops.__compatible_ops__``, the documented cache of the op probe) unless
@@ -39,6 +47,7 @@ import torch.distributed as dist
 
 from megatron_tempnet.config import ConfigError, TrainConfig
 from megatron_tempnet.parallel.runtime import ParallelContext
+from megatron_tempnet.training.checkpointing import Checkpointer, LoadPlan, model_weights_loaded
 from megatron_tempnet.training.step import masked_sum_loss
 
 ZERO_STAGES = (1, 2)
@@ -316,3 +325,104 @@ def deepspeed_train_step(engine, scheduler, batches, num_microbatches: int):
     return StepOutput(reports, None if grad_norm is None else float(grad_norm),
                       engine.skipped_steps == skipped,
                       scheduler.get_lr(scheduler.optimizer.param_groups[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+MODEL_STATES = "mp_rank_{:02d}_model_states.pt"  # DeepSpeed's file per tensor-parallel rank
+
+
+class DeepSpeedCheckpointer(Checkpointer):
+    """--save / --load with DeepSpeed's ``engine.save_checkpoint`` / ``engine.load_checkpoint``.
+
+    Layout: ``DIR/latest_checkpointed_iteration.txt`` and ``DIR/iter_NNNNNNN/`` as in
+    ``training/checkpointing.py`` (whose save protocol, keep-last, shape check and resume
+    decisions this class reuses); an ``iter_*`` directory is one DeepSpeed tag::
+
+        mp_rank_{tp:02d}_model_states.pt   module weights + our client_state (written by the
+                                           first data-parallel rank of each tensor-parallel rank)
+        zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_states.pt   ZeRO's optimizer partition per rank
+
+    client_state: iteration, consumed_samples, scheduler (our Scheduler; the engine has none),
+    checkpoint_version, config (the run record) and ``rng_state``: the RNG states of every
+    data-parallel rank (gathered, since DeepSpeed writes the client state of the first one
+    only), indexed by data-parallel rank. Loads need the same tensor-parallel size; the
+    optimizer (ZeRO partitions) also the same data-parallel size, else ``--no-load-optim``.
+    """
+
+    FORMAT = "deepspeed"
+
+    def __init__(self, cfg, engine, scheduler, ctx: ParallelContext, record: dict, log=print):
+        super().__init__(cfg, [engine.module], engine.optimizer, scheduler, ctx, record, log)
+        self.engine = engine
+
+    def write(self, path: Path, iteration: int, consumed_samples: int, rng: dict) -> None:
+        rngs = [rng]
+        if self.ctx.dp_size > 1:
+            rngs = [None] * self.ctx.dp_size
+            dist.all_gather_object(rngs, rng, group=self.ctx.dp_group)
+        client_state = {**self.common_state(iteration, consumed_samples), "rng_state": rngs}
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state=client_state,
+                                    save_latest=False)
+
+    def load(self) -> tuple[int, int]:
+        """Restore from ``--load``; returns (iteration, consumed_samples), (0, 0) when nothing
+        was loaded or with --finetune (module weights only, TempNet may be absent)."""
+        plan = self.plan_load(read_client_state)
+        if plan is None:
+            return 0, 0
+        self._check_layout(plan)
+        skipped = self._check_module_keys(plan) if not plan.resume else []
+        load_path, client = self.engine.load_checkpoint(
+            str(plan.path.parent), tag=plan.path.name, load_module_strict=plan.resume,
+            load_optimizer_states=plan.load_optim, load_lr_scheduler_states=False,
+            load_module_only=not plan.resume)
+        if load_path is None:
+            raise ConfigError(f"checkpoint {plan.path}: DeepSpeed found no "
+                              f"{MODEL_STATES.format(self.ctx.tp_rank)} in it")
+        rng = client["rng_state"][self.ctx.dp_rank] if plan.load_rng else None
+        return self.finish_load(plan, client.get("scheduler"), rng, model_weights_loaded(skipped))
+
+    def _check_layout(self, plan: LoadPlan) -> None:
+        """DeepSpeed does not reshard: same TP (module shards per tensor-parallel rank); same DP
+        for the optimizer (ZeRO partitions per data-parallel rank)."""
+        saved, now = plan.saved["config"]["parallel"], self.layout()
+        if saved["tp"] != now["tp"]:
+            raise ConfigError(
+                f"checkpoint {plan.path} was saved at --tensor-model-parallel-size {saved['tp']}, "
+                f"this run uses {now['tp']}: DeepSpeed checkpoints load at the tensor-parallel "
+                "size they were saved with")
+        if plan.load_optim and saved["dp"] != now["dp"]:
+            raise ConfigError(
+                f"checkpoint {plan.path} was saved at data-parallel size {saved['dp']}, this run "
+                f"has {now['dp']}: ZeRO's optimizer partitions load at the same size only; resume "
+                f"on {saved['dp'] * saved['tp']} ranks, or add --no-load-optim (weights, iteration "
+                "and data position load, the optimizer starts fresh)")
+
+    def _check_module_keys(self, plan: LoadPlan) -> list[str]:
+        """--finetune: every LM tensor must be in the checkpoint; TempNet's may be absent (they
+        keep their init) or extra (a TempNet checkpoint into a plain-CE run). Returns the
+        TempNet keys kept at init."""
+        saved = set(plan.saved["module"])
+        own = [k for k in self.engine.module.state_dict() if not k.endswith("_extra_state")]
+        missing = [k for k in own if k not in saved]
+        unexpected = [k for k in saved - set(own)
+                      if not k.startswith("tempnet.") and not k.endswith("_extra_state")]
+        lm_missing = [k for k in missing if not k.startswith("tempnet.")]
+        if lm_missing or unexpected:
+            raise ConfigError(f"checkpoint {plan.path}: missing {lm_missing}, unexpected "
+                              f"{sorted(unexpected)} model keys")
+        return missing
+
+
+def read_client_state(path: Path) -> dict:
+    """The state saved with tensor-parallel rank 0's module weights, tensors memory-mapped
+    (nothing is read but the pickle): the client state and the module's keys."""
+    file = path / MODEL_STATES.format(0)
+    state = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+    if "config" not in state:
+        raise ConfigError(f"checkpoint {path}: {file.name} has no run record in its client state "
+                          "(a DeepSpeed checkpoint not written by megatron-tempnet)")
+    return state

@@ -1,6 +1,7 @@
-"""DeepSpeed ZeRO-1/2 (training/deepspeed.py) trains like the megatron-core DDP path.
+"""DeepSpeed ZeRO-1/2 (training/deepspeed.py) trains like the megatron-core DDP path, and
+checkpoints in DeepSpeed's format with the protocol of training/checkpointing.py.
 
-One torchrun launch (2 processes, tests/workers/deepspeed_worker.py): tiny-llama with TempNet
+Parity launch (2 processes, tests/workers/deepspeed_worker.py): tiny-llama with TempNet
 (loss mode tempnet_dro) for 4 steps at DP=2 with ZeRO-1 and ZeRO-2, and at TP=2 with ZeRO-1
 (DeepSpeed reads the tensor-parallel groups through the mpu adapter). Both paths start from the
 same weights, see the same global batches (random loss masks: the ranks hold different token
@@ -9,6 +10,11 @@ constant lr), lr schedule (1 warmup step, cosine) and gradient clipping (active:
 clip 1). Per step, every reported metric and the grad norm must agree within fp32 reduction
 round-off; so must the final weights.
 
+Checkpoint launch (``deepspeed_worker.py checkpoint``, through train.build with --deepspeed,
+DP=2, TempNet and dropout on): 4 iterations == 2 + SIGTERM (save, exit code 3) + resume + 2,
+bitwise in losses and final weights, with ZeRO-1 and ZeRO-2; keep-last, --no-load-optim,
+--finetune, the shape error. Unit tests: each format refuses the other's checkpoint by name.
+
 DeepSpeed's CPU accelerator would JIT-build a shared-memory all-reduce op on first use (~45 s);
 build_deepspeed_engine disables it, and the optimizer is torch AdamW (no FusedAdam build).
 """
@@ -16,9 +22,15 @@ import pytest
 import torch
 
 from megatron_tempnet.config import ConfigError, TrainConfig
+from megatron_tempnet.training.checkpointing import (EXIT_CODE_PREEMPTED, resolve_load_dir,
+                                                     write_latest)
 from megatron_tempnet.training.deepspeed import (DeepSpeedConfig, deepspeed_available,
-                                                 resolve_deepspeed_config)
+                                                 read_client_state, resolve_deepspeed_config)
 from torchrun import REPO, run_torchrun
+
+needs_deepspeed = pytest.mark.skipif(
+    not deepspeed_available(), reason="deepspeed is not installed (DS_BUILD_OPS=0 pip install "
+                                      "deepspeed)")
 
 METRIC_RTOL, METRIC_ATOL = 2e-5, 1e-6  # fp32; reductions reorder sums (seen: ~2e-7 relative)
 WEIGHT_ATOL = 1e-5  # after 4 AdamW steps of size <= lr = 2e-3 (seen: < 1e-6)
@@ -26,8 +38,7 @@ ZERO1, ZERO2 = (REPO / "configs" / "deepspeed" / f"zero{s}.json" for s in (1, 2)
 
 
 @pytest.mark.parallel
-@pytest.mark.skipif(not deepspeed_available(),
-                    reason="deepspeed is not installed (DS_BUILD_OPS=0 pip install deepspeed)")
+@needs_deepspeed
 def test_deepspeed_zero_matches_megatron_ddp(tmp_path):
     ranks = run_torchrun("deepspeed_worker.py", tmp_path, timeout=240)
     for layout in ranks[0]:
@@ -47,6 +58,108 @@ def test_deepspeed_zero_matches_megatron_ddp(tmp_path):
                 assert mc["grad norm"] > 1.0, "clipping should be active in this test"
             assert res["moved"] > 1e-3, where  # training changed the weights ...
             assert res["weight_diff"] < WEIGHT_ATOL, (where, res["weight_diff"])  # ... alike
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_corpus, tmp_path_factory):
+    if not deepspeed_available():
+        pytest.skip("deepspeed is not installed (DS_BUILD_OPS=0 pip install deepspeed)")
+    work = tmp_path_factory.mktemp("deepspeed_checkpoints")
+    return run_torchrun("deepspeed_worker.py", work, "checkpoint", tiny_corpus.data_prefix,
+                        tiny_corpus.tokenizer_model, str(work), timeout=240)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parallel
+def test_deepspeed_resume_is_bitwise_identical(checkpoints):
+    for r in checkpoints:
+        # ZeRO-1: A (4 iterations) == B1 (2, stopped by SIGTERM) + B2 (resumed, 2 more)
+        assert [i for i, _ in r["A"]] == [1, 2, 3, 4]
+        assert r["B1"] == r["A"][:2]
+        assert r["B2_start"] == 2 and r["B2_consumed"] == 2 * 8  # iterations x global batch
+        assert r["B2"] == r["A"][2:]  # logged losses, bit for bit
+        assert same_weights(r["A_weights"], r["B2_weights"])
+        # ZeRO-2, resumed from the iter_* directory itself
+        assert r["Z_start"] == 2 and r["Z_resumed"] == r["Z_full"][2:]
+        assert same_weights(r["Z_full_weights"], r["Z_resumed_weights"])
+    assert checkpoints[0]["A"] == checkpoints[1]["A"]  # every rank logs the DP-reduced loss
+
+
+@pytest.mark.parallel
+def test_deepspeed_sigterm_on_one_rank_saves_and_exits_preempted(checkpoints):
+    for r in checkpoints:
+        assert r["B1_exit"] == EXIT_CODE_PREEMPTED
+        assert r["B1_latest"] == 2  # and B2 loaded it
+
+
+@pytest.mark.parallel
+def test_deepspeed_checkpoint_layout_and_keep_last(checkpoints):
+    for r in checkpoints:
+        assert r["A_dirs"] == [4] and r["A_latest"] == 4
+        assert r["A_files"] == ["mp_rank_00_model_states.pt",  # one TP rank: module + client
+                                "zero_pp_rank_0_mp_rank_00_optim_states.pt",  # ZeRO partition
+                                "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # per DP rank
+        assert not r["A_ds_latest"]  # our marker only: DeepSpeed's 'latest' is not written
+
+
+@pytest.mark.parallel
+def test_deepspeed_no_load_optim_keeps_position_and_lr_schedule(checkpoints):
+    for r in checkpoints:
+        assert r["N"] == (4, 4, 0)  # iteration, scheduler steps, Adam states (none yet)
+
+
+@pytest.mark.parallel
+def test_deepspeed_finetune_loads_the_lm_weights_only(checkpoints):
+    for r in checkpoints:
+        assert r["H_start"] == 0
+        lm = {n: w for n, w in r["A_weights"].items() if not n.startswith("tempnet.")}
+        assert len(lm) < len(r["A_weights"])  # A has TempNet, the plain-CE model has not
+        assert same_weights(r["H_weights"], lm)
+        assert r["H_fp32_synced"]  # ZeRO's master copy holds the loaded weights too
+
+
+@pytest.mark.parallel
+def test_deepspeed_other_model_shape_is_named(checkpoints):
+    for r in checkpoints:
+        assert r["F_error"] and "another model shape" in r["F_error"]
+        assert "num_layers: checkpoint 4, this run 2" in r["F_error"]
+
+
+def _fake_checkpoint(root, iteration, complete_file):
+    path = root / f"iter_{iteration:07d}"
+    path.mkdir(parents=True)
+    (path / complete_file).write_bytes(b"")
+    write_latest(root, iteration)
+    return path
+
+
+def test_each_checkpoint_format_refuses_the_other_by_name(tmp_path):
+    ds = _fake_checkpoint(tmp_path / "ds", 3, "mp_rank_00_model_states.pt")
+    assert resolve_load_dir(str(tmp_path / "ds"), None, "deepspeed") == ds
+    assert resolve_load_dir(str(ds), None, "deepspeed") == ds  # one tag directory itself
+    for load in (tmp_path / "ds", ds):
+        with pytest.raises(ConfigError, match=r"is a DeepSpeed checkpoint, not a megatron-core "
+                                              r"dist_checkpointing checkpoint: load it with "
+                                              r"--deepspeed"):
+            resolve_load_dir(str(load), None)
+    mc = _fake_checkpoint(tmp_path / "mc", 5, "metadata.json")
+    with pytest.raises(ConfigError, match="is a megatron-core dist_checkpointing checkpoint, not "
+                                          "a DeepSpeed checkpoint: load it without --deepspeed"):
+        resolve_load_dir(str(tmp_path / "mc"), None, "deepspeed")
+    # no checkpoint yet in its own --save directory: a fresh start, as without DeepSpeed
+    assert resolve_load_dir(str(tmp_path / "new"), str(tmp_path / "new"), "deepspeed") is None
+    with pytest.raises(ConfigError, match="says 5 but .* is missing or incomplete"):
+        (mc / "metadata.json").unlink()
+        resolve_load_dir(str(tmp_path / "mc"), None, "deepspeed")
+
+
+def test_deepspeed_checkpoint_of_another_program_is_named(tmp_path):
+    torch.save({"module": {}, "global_steps": 7}, tmp_path / "mp_rank_00_model_states.pt")
+    with pytest.raises(ConfigError, match="no run record in its client state"):
+        read_client_state(tmp_path)
 
 
 def _train(**kw):

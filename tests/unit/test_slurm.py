@@ -1,8 +1,9 @@
 """slurm/*.sh and their shared launcher slurm/common.sh.
 
 Checked: shellcheck; the resolved launch (--dry-run) under a simulated 2-node SLURM allocation
-(SLURM_* variables and a fake `scontrol` printing two hostnames); resume / finetune arguments;
-the error for a missing DATA_PATH; requeue on the trainer's "checkpoint saved" exit codes and on
+(SLURM_* variables and a fake `scontrol` printing two hostnames); resume / finetune arguments
+(the DeepSpeed variant's included: it checkpoints and requeues like the others); the error for a
+missing DATA_PATH; requeue on the trainer's "checkpoint saved" exit codes and on
 SLURM's USR1 (fake srun/scancel/scontrol); and, in local mode, a tiny LLaMA trained for a few
 steps on the CPU through the 7B script, preempted by SIGUSR1 (checkpoint, exit 3) and resumed.
 """
@@ -40,6 +41,14 @@ def test_every_script_is_listed():
 def _shellcheck() -> str | None:
     local = Path(sys.executable).parent / "shellcheck"
     return str(local) if local.exists() else shutil.which("shellcheck")
+
+
+def test_every_script_checkpoints_and_asks_to_be_requeued():
+    """DeepSpeed's variant included: no script refuses CHECKPOINT_DIR or runs without one."""
+    for script in SCRIPTS:
+        text = (SLURM / script).read_text()
+        assert "#SBATCH --requeue" in text, script
+        assert ': "${CHECKPOINT_DIR:?' in text, script
 
 
 def test_shellcheck_clean():
@@ -106,8 +115,6 @@ def _after(cmd, flag):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_dry_run_two_node_slurm(fake_slurm, script):
     env, _ = fake_slurm
-    if "deepspeed" in script:  # no checkpointing under DeepSpeed yet
-        env = {k: v for k, v in env.items() if k != "CHECKPOINT_DIR"}
     cmd, out = _dry_run(script, env, "--train-iters", "7")
     assert cmd[0] == "srun" and "--nodes=2" in cmd and "--ntasks-per-node=1" in cmd
     tr = cmd.index("torch.distributed.run")
@@ -123,10 +130,7 @@ def test_dry_run_two_node_slurm(fake_slurm, script):
     i = train.index("--data-path")
     assert train[i + 1:i + 5] == ["0.7", "/data/a_text_document", "0.3", "/data/b_text_document"]
     assert _after(train, "--tokenizer-model") == "/data/tok.model"
-    if "deepspeed" in script:
-        assert "--save" not in train
-    else:
-        assert _after(train, "--save") == env["CHECKPOINT_DIR"]
+    assert _after(train, "--save") == env["CHECKPOINT_DIR"]  # DeepSpeed's variant too
     assert train[-2:] == ["--train-iters", "7"]  # the user's flags come last (they win)
     if script == "train_tempnet_frozen_llama7b.sh":  # no checkpoint yet: finetune from the LM
         assert _after(train, "--load") == "/ckpt/llama2-7b-converted" and "--finetune" in train
@@ -141,15 +145,9 @@ def test_dry_run_two_node_slurm(fake_slurm, script):
     assert f"test-job-{JOB_ID}" in out.stderr  # log directory per job
 
 
-def test_deepspeed_variant_refuses_a_checkpoint_dir(fake_slurm):
-    env, _ = fake_slurm
-    out = _run("pretrain_llama7b_tempnet_deepspeed.sh", env, "--dry-run")
-    assert out.returncode == 2
-    assert "checkpointing under --deepspeed is not supported" in out.stderr
-
-
 @pytest.mark.parametrize("script", ["pretrain_llama7b_tempnet.sh",
-                                    "train_tempnet_frozen_llama7b.sh"])
+                                    "train_tempnet_frozen_llama7b.sh",
+                                    "pretrain_llama7b_tempnet_deepspeed.sh"])
 def test_dry_run_resumes_from_own_checkpoint(fake_slurm, script):
     env, _ = fake_slurm
     ckpt = Path(env["CHECKPOINT_DIR"])
@@ -171,21 +169,25 @@ def test_local_mode_dry_run(fake_slurm):
     assert "--nproc_per_node 2" in out.stdout or "nproc_per_node=" in out.stderr
 
 
+@pytest.mark.parametrize("script", ["pretrain_llama7b_tempnet.sh",
+                                    "pretrain_llama7b_tempnet_deepspeed.sh"])
 @pytest.mark.parametrize("missing", ["DATA_PATH", "TOKENIZER_MODEL", "CHECKPOINT_DIR"])
-def test_missing_setting_is_a_clear_error(fake_slurm, missing):
+def test_missing_setting_is_a_clear_error(fake_slurm, missing, script):
     env, calls = fake_slurm
     del env[missing]
-    out = _run("pretrain_llama7b_tempnet.sh", env, "--dry-run")
+    out = _run(script, env, "--dry-run")
     assert out.returncode != 0
     assert f"{missing}: set {missing} to" in out.stderr
     assert not calls.exists()  # nothing launched
 
 
-def test_requeue_when_the_trainer_reports_preemption(fake_slurm):
+@pytest.mark.parametrize("script", ["pretrain_llama7b_tempnet.sh",
+                                    "pretrain_llama7b_tempnet_deepspeed.sh"])
+def test_requeue_when_the_trainer_reports_preemption(fake_slurm, script):
     """torchrun exits 1 whatever its workers did; the launcher reads the workers' exit code 3
-    from torchrun's failure report and requeues."""
+    from torchrun's failure report and requeues (DeepSpeed's variant too: it checkpoints)."""
     env, calls = fake_slurm
-    out = _run("pretrain_llama7b_tempnet.sh", dict(env, FAKE_SRUN="exit3"))
+    out = _run(script, dict(env, FAKE_SRUN="exit3"))
     assert out.returncode == 0, out.stderr
     log = calls.read_text()
     assert "srun --nodes=2" in log and f"scontrol requeue {JOB_ID}" in log

@@ -1,17 +1,34 @@
-"""torchrun worker: DeepSpeed ZeRO-1/2 against the megatron-core DDP path, a few training steps.
+"""torchrun worker (2 processes), two modes:
 
-Per layout (DP=2 with ZeRO-1 and ZeRO-2; TP=2 through the mpu adapter), on tiny-llama with
-TempNet (loss mode tempnet_dro, so the optimizer has TempNet's own constant-lr group):
+``deepspeed_worker.py`` (parity): DeepSpeed ZeRO-1/2 against the megatron-core DDP path, a few
+training steps. Per layout (DP=2 with ZeRO-1 and ZeRO-2; TP=2 through the mpu adapter), on
+tiny-llama with TempNet (loss mode tempnet_dro, so the optimizer has TempNet's own constant-lr
+group):
 1. megatron-core path: build_tempnet_model -> wrap_ddp -> build_optimizer (distributed) ->
    Scheduler; STEPS steps through the schedules (training/step.py);
 2. DeepSpeed path: a second model with the first one's initial weights -> build_deepspeed_engine
    (configs/deepspeed/zero{1,2}.json, torch AdamW with the same groups) -> the same Scheduler;
    the same STEPS global batches through deepspeed_train_step.
 Saves, per layout and path, the global metrics and grad norm of every step.
+
+``deepspeed_worker.py checkpoint <data prefix> <tokenizer model> <work dir>``: checkpoints
+under --deepspeed through the real entry point (train.build), DP=2, TempNet on, dropout on, two
+micro-batches per step:
+  A   ZeRO-1, 4 iterations, --save-interval 2 --keep-last 1               (reference)
+  B1  same flags, SIGTERM to rank 0 only after iteration 1 -> stops at 2, saves, exit code 3
+  B2  --load: iterations 3..4                       (A == B1 + B2 bitwise: losses, weights)
+  N   --load B (at 4) --no-load-optim: iteration and lr schedule at 4, no optimizer state
+  H   --load A --finetune into a plain-CE model: LM weights only, iteration 0
+  F   --load B with --num-layers 2: a clear shape error before any tensor is read
+  Z   ZeRO-2: 4 iterations with --save-interval 2, then --load Z/iter_0000002 + 2, bitwise
 """
+import os
+import signal
 import sys
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megatron_tempnet.config import TrainConfig, load_model_preset
 from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
@@ -103,7 +120,7 @@ def run_layout(tp: int, zero_stage: int) -> dict:
             "dp_rank": ctx.dp_rank}
 
 
-def main():
+def parity_main():
     results = {}
     for tp, stage in [(1, 1), (1, 2), (2, 1)]:  # 2 processes: DP=2 ZeRO-1/2, TP=2 ZeRO-1
         results[(tp, stage)] = run_layout(tp, stage)
@@ -111,6 +128,95 @@ def main():
     shutdown()
 
 
+# --- checkpoint mode ---------------------------------------------------------------------------
+
+def flags(data, tokenizer, *extra, zero=1, iters=4):
+    return ["--model", "tiny-llama", "--data-path", data, "--tokenizer-model", tokenizer,
+            "--split", "99,1,0", "--seq-length", "32", "--micro-batch-size", "2",
+            "--global-batch-size", "8", "--lr", "5e-3", "--min-lr", "5e-4",
+            "--lr-warmup-iters", "1", "--log-interval", "1", "--hidden-dropout", "0.1",
+            "--tempnet-loss-mode", "tempnet_dro", "--tempnet-hidden-size", "16",
+            "--tempnet-lr", "1e-3", "--train-iters", str(iters), "--eval-iters", "0",
+            "--deepspeed",
+            "--deepspeed_config", str(REPO / "configs" / "deepspeed" / f"zero{zero}.json"),
+            *extra]
+
+
+def weights(trainer):
+    """The trained weights: DeepSpeed's module holds views of ZeRO's updated buffers."""
+    return {n: p.detach().clone() for n, p in trainer.model_chunks[0].named_parameters()}
+
+
+def sigterm_rank0_after(iteration):
+    def callback(state, out):
+        if state.iteration == iteration and dist.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return callback
+
+
+def checkpoint_main(data, tokenizer, work: Path):
+    from megatron_tempnet import train as entry
+    from megatron_tempnet.arguments import parse_args
+    from megatron_tempnet.config import ConfigError
+    from megatron_tempnet.training.checkpointing import read_latest, saved_iterations
+
+    def build(*extra, **kw):
+        return entry.build(parse_args(flags(data, tokenizer, *extra, **kw)))
+
+    a, b, z = (str(work / name) for name in ("a", "b", "z"))
+    r = {}
+    # A: the reference; keep-last 1 leaves only iter_0000004
+    t = build("--save", a, "--save-interval", "2", "--keep-last", "1")
+    r["A"], r["A_weights"] = t.train().history, weights(t)
+    r["A_dirs"], r["A_latest"] = saved_iterations(a), read_latest(a)
+    r["A_files"] = sorted(p.name for p in (Path(a) / "iter_0000004").iterdir())
+    r["A_ds_latest"] = (Path(a) / "latest").exists()  # DeepSpeed's own marker: not written
+
+    # B1: SIGTERM to rank 0 only after iteration 1 -> every rank stops after iteration 2
+    t = build("--save", b, "--save-interval", "100")
+    state = t.train(callbacks=[sigterm_rank0_after(1)])
+    r["B1"], r["B1_exit"], r["B1_latest"] = state.history, state.exit_code, read_latest(b)
+
+    # B2: resume -> iterations 3..4
+    t = build("--save", b, "--load", b)
+    r["B2_start"], r["B2_consumed"] = t.state.iteration, t.state.consumed_samples
+    r["B2"], r["B2_weights"] = t.train().history, weights(t)
+
+    # N: --no-load-optim (B is at 4): position and lr schedule restored, ZeRO state fresh
+    t = build("--load", b, "--no-load-optim", iters=5)
+    r["N"] = (t.state.iteration, t.scheduler.num_steps,
+              len(t.checkpointer.engine.optimizer.optimizer.state))
+
+    # H: --finetune from A's TempNet checkpoint into a plain-CE model: the LM weights only
+    # (TempNet's tensors in the checkpoint are left out), iteration 0, and ZeRO's fp32 master
+    # partitions refreshed from them (else the first step would restore the init)
+    t = build("--load", a, "--finetune", "--tempnet-loss-mode", "ce")
+    opt = t.checkpointer.engine.optimizer
+    r["H_start"], r["H_weights"] = t.state.iteration, weights(t)
+    r["H_fp32_synced"] = all(
+        torch.equal(fp32, bit16[t.ctx.dp_rank]) for fp32, bit16 in
+        zip(opt.single_partition_of_fp32_groups, opt.parallel_partitioned_bit16_groups))
+
+    # F: another model shape
+    try:
+        build("--load", b, "--num-layers", "2")
+        r["F_error"] = None
+    except ConfigError as e:
+        r["F_error"] = str(e)
+
+    # Z: ZeRO-2, 4 iterations vs 2 + resume from the iter_* directory itself + 2
+    t = build("--save", z, "--save-interval", "2", zero=2)
+    r["Z_full"], r["Z_full_weights"] = t.train().history, weights(t)
+    t = build("--load", str(Path(z) / "iter_0000002"), zero=2)
+    r["Z_start"], r["Z_resumed"] = t.state.iteration, t.train().history
+    r["Z_resumed_weights"] = weights(t)
+    save_rank_result(r)
+    shutdown()
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["checkpoint"]:
+        checkpoint_main(sys.argv[2], sys.argv[3], Path(sys.argv[4]))
+    else:
+        parity_main()
     sys.exit(0)
