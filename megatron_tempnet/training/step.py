@@ -49,9 +49,13 @@ def masked_sum_loss(loss_mask: torch.Tensor, output: torch.Tensor):
 
 
 def forward_step(data_iterator, model):
-    """megatron-core forward_step_func: the model returns per-token losses [b, s] or [b, s, K]."""
+    """megatron-core forward_step_func: the model returns per-token losses [b, s] or [b, s, K].
+
+    The loss mask goes to the model too: ``--dro-loss-impl fused_linear`` forms its gradients in
+    the forward for the loss-mask weighted sum that ``masked_sum_loss`` takes."""
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                   loss_mask=batch["loss_mask"])
     return output, partial(masked_sum_loss, batch["loss_mask"])
 
 
