@@ -60,7 +60,7 @@ class _FusedLinearDRO(torch.autograd.Function):
             with torch.enable_grad() if trained else torch.no_grad():
                 tau = tau_fn(logits.detach(), rows)  # [c]
             y = target[rows]
-            loss, ce, tempered, grad_tau, grad_scale, lse = fused_row_results(
+            loss, ce, tempered, grad_tau, grad_scale, m_tau, log_sum = fused_row_results(
                 logits, y, tau.detach(), rho, tp_group, objective)
             w = token_weight[rows].to(torch.float32)
             if trained and tau.requires_grad:  # TempNet's gradient before the logits are reused
@@ -71,7 +71,7 @@ class _FusedLinearDRO(torch.autograd.Function):
             if need_hidden or need_weight:
                 from megatron_tempnet.tempnet import triton_kernels
 
-                g = triton_kernels.write_grad(logits, logits, tau.detach(), y, lse,
+                g = triton_kernels.write_grad(logits, logits, tau.detach(), y, m_tau, log_sum,
                                               w * grad_scale, start)  # in place
                 if need_hidden:
                     torch.matmul(g, weight, out=grad_hidden[rows])

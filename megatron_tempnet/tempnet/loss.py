@@ -170,8 +170,9 @@ def fused_row_results(logits, target, tau, rho: float, tp_group, objective: str)
     """Row statistics by the Triton kernel, merged over TP, finished by ``row_results``.
 
     logits [t, v/tp] (rows contiguous, bf16/fp16/fp32), target [t], tau [t]. Returns
-    (loss, ce, tempered_ce, grad_tau, grad_scale, lse), each [t] fp32; lse = log sum exp(z/tau)
-    over the full vocabulary (what ``triton_kernels.write_grad`` needs).
+    (loss, ce, tempered_ce, grad_tau, grad_scale, m_tau, log_sum), each [t] fp32; m_tau = max
+    z/tau and log_sum = log sum exp(z/tau - m_tau) over the full vocabulary (what
+    ``triton_kernels.write_grad`` needs).
     """
     from megatron_tempnet.tempnet import triton_kernels
 
@@ -181,7 +182,7 @@ def fused_row_results(logits, target, tau, rho: float, tp_group, objective: str)
     m_tau, sum_exp_tau, weighted, z_y, m_one, sum_exp_one = combine_row_stats(local, tp_group)
     results = row_results(m_tau, sum_exp_tau, weighted, z_y, m_one, sum_exp_one,
                           tau.to(torch.float32), rho, math.log(v_local * size), objective)
-    return (*results, m_tau + torch.log(sum_exp_tau))
+    return (*results, m_tau, torch.log(sum_exp_tau))
 
 
 class _FusedDRO(torch.autograd.Function):
@@ -189,15 +190,15 @@ class _FusedDRO(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, tau, rho, tp_group, objective):
-        loss, ce, tempered_ce, grad_tau, grad_scale, lse = fused_row_results(
+        loss, ce, tempered_ce, grad_tau, grad_scale, m_tau, log_sum = fused_row_results(
             logits, target, tau, rho, tp_group, objective)
         if tempered_ce is loss:
             tempered_ce = loss.detach().clone()
         ctx.tp_group, ctx.tau_dtype = tp_group, tau.dtype
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(logits, target, tau, lse, grad_tau, grad_scale)
+            ctx.save_for_backward(logits, target, tau, m_tau, log_sum, grad_tau, grad_scale)
         else:
-            ctx.save_for_backward(None, None, None, None, grad_tau, None)
+            ctx.save_for_backward(None, None, None, None, None, grad_tau, None)
         ctx.mark_non_differentiable(ce, tempered_ce)
         return loss, ce, tempered_ce
 
@@ -205,12 +206,12 @@ class _FusedDRO(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_ce, _grad_tempered):
         from megatron_tempnet.tempnet import triton_kernels
 
-        logits, target, tau, lse, grad_tau, grad_scale = ctx.saved_tensors
+        logits, target, tau, m_tau, log_sum, grad_tau, grad_scale = ctx.saved_tensors
         grad_logits = grad_of_tau = None
         if ctx.needs_input_grad[0]:
             rank, _ = group_rank_size(ctx.tp_group)
             grad_logits = triton_kernels.write_grad(
-                logits, torch.empty_like(logits), tau, target, lse,
+                logits, torch.empty_like(logits), tau, target, m_tau, log_sum,
                 grad_loss.float() * grad_scale, rank * logits.shape[-1])
         if ctx.needs_input_grad[2]:
             grad_of_tau = (grad_loss * grad_tau).to(ctx.tau_dtype)

@@ -11,7 +11,8 @@ When the running max moves from m to m', S' = e^(m - m') S and A' = e^(m - m') (
 ``loss.combine_row_stats`` merges the per-shard rows across TP ranks (the same two all-reduces as
 the torch path); ``loss.row_results`` turns them into the loss and gradient coefficients.
 
-Pass 2, ``write_grad``: dl/dz = (exp(z/tau - lse) - onehot(y)) * coef per row, written in the
+Pass 2, ``write_grad``: dl/dz = (exp(z/tau - m_tau - log S) - onehot(y)) * coef per row (m_tau
+and log S kept apart: at |z/tau| ~ 1e4 their fp32 sum would lose ~1e-3), written in the
 logits' dtype to ``out`` (``out`` may be the logits tensor itself: each element is read before
 it is written by the same program). Nothing of size [tokens, V] is allocated besides ``out``.
 
@@ -73,20 +74,21 @@ def _row_stats_kernel(z_ptr, z_stride, tau_ptr, target_ptr, stats_ptr, n_cols, v
 
 
 @triton.jit
-def _write_grad_kernel(z_ptr, z_stride, out_ptr, out_stride, tau_ptr, target_ptr, lse_ptr,
-                       coef_ptr, n_cols, vocab_start, BLOCK: tl.constexpr):
+def _write_grad_kernel(z_ptr, z_stride, out_ptr, out_stride, tau_ptr, target_ptr, max_ptr,
+                       log_sum_ptr, coef_ptr, n_cols, vocab_start, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     out_row = out_ptr + row * out_stride
     inv_tau = 1.0 / tl.load(tau_ptr + row).to(tl.float32)
     y = tl.load(target_ptr + row).to(tl.int64) - vocab_start
-    lse = tl.load(lse_ptr + row)
+    row_max = tl.load(max_ptr + row)
+    log_sum = tl.load(log_sum_ptr + row)
     coef = tl.load(coef_ptr + row)
     for start in range(0, n_cols, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         inside = offs < n_cols
         z = tl.load(z_row + offs, mask=inside, other=0.0).to(tl.float32)
-        p = tl.exp(z * inv_tau - lse)
+        p = tl.exp((z * inv_tau - row_max) - log_sum)  # not - (max + log S): fp32 rounding
         grad = (p - tl.where(offs == y, 1.0, 0.0)) * coef
         tl.store(out_row + offs, grad.to(out_ptr.dtype.element_ty), mask=inside)
 
@@ -120,11 +122,12 @@ def row_stats(logits: torch.Tensor, tau: torch.Tensor, target: torch.Tensor, voc
 
 
 def write_grad(logits: torch.Tensor, out: torch.Tensor, tau: torch.Tensor, target: torch.Tensor,
-               lse: torch.Tensor, coef: torch.Tensor, vocab_start: int,
-               block: int | None = None) -> torch.Tensor:
-    """out[r] = (exp(logits[r] / tau[r] - lse[r]) - onehot(y_r)) * coef[r]; returns ``out``.
+               row_max: torch.Tensor, log_sum: torch.Tensor, coef: torch.Tensor,
+               vocab_start: int, block: int | None = None) -> torch.Tensor:
+    """out[r] = (exp(logits[r] / tau[r] - row_max[r] - log_sum[r]) - onehot(y_r)) * coef[r].
 
-    lse [t] = log sum exp(z/tau) over the FULL vocabulary (all TP shards), coef [t] fp32.
+    row_max [t] = max z/tau and log_sum [t] = log sum exp(z/tau - row_max) over the FULL
+    vocabulary (all TP shards), coef [t]; returns ``out``.
     ``out`` [t, v] may be ``logits`` itself (in place).
     """
     _rows(logits, "logits")
@@ -133,6 +136,7 @@ def write_grad(logits: torch.Tensor, out: torch.Tensor, tau: torch.Tensor, targe
     if t:
         _write_grad_kernel[(t,)](logits, logits.stride(0), out, out.stride(0),
                                  tau.contiguous(), target.contiguous(),
-                                 lse.float().contiguous(), coef.float().contiguous(), v,
+                                 row_max.float().contiguous(), log_sum.float().contiguous(),
+                                 coef.float().contiguous(), v,
                                  vocab_start, BLOCK=_block(v, block))
     return out
