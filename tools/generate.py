@@ -2,11 +2,16 @@
 """Generate text from an exported Hugging Face model directory (tools/convert_checkpoint_to_hf.py).
 
     python tools/generate.py --model-dir hf_out --prompt "def fib(n):" --max-new-tokens 40
-    ... --temperature-mode tempnet      # TempNet's per-step tau (default when the model has one)
+    ... --temperature-mode tempnet      # the model's own per-step tau (default when it has one):
+                                        # TempNet's, or the exact tau* of a dro_exact model
     ... --temperature-mode fixed --temperature 0.8
     ... --temperature-mode anneal --temperature 1.5 --final-temperature 0.5
     ... --greedy                        # argmax (identical with or without TempNet)
     ... --show-tau                      # print each generated token with its tau
+
+Models exported from loss modes "tempnet_dro" and "tempnet_ce" carry TempNet, "dro_exact" ones
+solve tau* (KL(p_tau || u) = rho, megatron_tempnet/tempnet/exact_tau.py) at every step; "ce" and
+"dro_fixed_tau" exports are plain models (fixed or annealed temperature only).
 """
 from __future__ import annotations
 
@@ -52,7 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", required=True)
     p.add_argument("--tokenizer", help="default: the tokenizer file in --model-dir")
     p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature-mode", choices=("tempnet", "fixed", "anneal"))
+    p.add_argument("--temperature-mode", choices=("tempnet", "fixed", "anneal"),
+                   help="tempnet: the model's own per-step tau (TempNet's or dro_exact's tau*)")
     p.add_argument("--temperature", type=float, default=1.0, help="fixed, or the annealing start")
     p.add_argument("--final-temperature", type=float, default=0.5, help="annealing end")
     p.add_argument("--greedy", action="store_true")
@@ -67,8 +73,8 @@ def main(argv=None) -> int:
     has_tempnet = hasattr(model, "use_tempnet")
     mode = args.temperature_mode or ("tempnet" if has_tempnet else "fixed")
     if mode == "tempnet" and not has_tempnet:
-        raise SystemExit(f"error: {model_dir} has no TempNet weights; use --temperature-mode "
-                         "fixed or anneal")
+        raise SystemExit(f"error: {model_dir} has no per-token tau (neither TempNet weights "
+                         "nor a dro_exact loss mode); use --temperature-mode fixed or anneal")
     if has_tempnet:
         model.use_tempnet = mode == "tempnet"
     tok = find_tokenizer(model_dir, args.tokenizer)

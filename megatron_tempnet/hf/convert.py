@@ -90,9 +90,11 @@ def checkpoint_to_hf(load: str, output: str, tokenizer_file: str | None = None,
                      dtype: torch.dtype = torch.float32) -> Path:
     from megatron_tempnet.hf.export import export_hf
 
+    from megatron_tempnet.hf.modeling import has_own_tau
+
     full, cfg, tempnet_cfg = load_checkpoint_full(load)
-    has_tempnet = tempnet_cfg.uses_tempnet
-    return export_hf(output, full, cfg, tempnet_cfg if has_tempnet else None,
+    # a TempNet head or the exact tau* ("dro_exact"); "ce" and "dro_fixed_tau" export plain
+    return export_hf(output, full, cfg, tempnet_cfg if has_own_tau(tempnet_cfg) else None,
                      tokenizer_file=tokenizer_file, dtype=dtype)
 
 

@@ -1,10 +1,11 @@
 """Write a Hugging Face model directory from a full (TP=1, PP=1) megatron-core state dict.
 
 Without TempNet the result is a plain ``LlamaForCausalLM`` / ``GPT2LMHeadModel``; with TempNet
-weights (``tempnet.*`` keys) it is a ``TempNetLlamaForCausalLM`` / ``TempNetGPT2ForCausalLM``
-(megatron_tempnet/hf/modeling.py), whose config carries TempNet's settings. The vocabulary
-padding is removed from the LM's weights; the padded output rows travel as
-``pad_logit_weight`` because TempNet's input is the padded logits vector of training.
+weights (``tempnet.*`` keys), or for loss_mode "dro_exact" (whose own tau is the exact tau*
+solved from the logits), it is a ``TempNetLlamaForCausalLM`` / ``TempNetGPT2ForCausalLM``
+(megatron_tempnet/hf/modeling.py), whose config carries TempNet's settings and loss mode. The
+vocabulary padding is removed from the LM's weights; the padded output rows travel as
+``pad_logit_weight`` because the tau's input is the padded logits vector of training.
 """
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ def build_hf_model(full: dict, cfg: ModelConfig, tempnet_cfg: TempNetConfig | No
     hf_state = conv.to_hf(full, cfg)
     base_config = conv.hf_config(cfg)
     has_tempnet = any(k.startswith(TEMPNET_PREFIX) for k in full)
-    if has_tempnet:
-        if tempnet_cfg is None:
-            raise ValueError("the state dict holds TempNet weights: pass its TempNetConfig")
+    if has_tempnet and tempnet_cfg is None:
+        raise ValueError("the state dict holds TempNet weights: pass its TempNetConfig")
+    if has_tempnet or modeling.has_own_tau(tempnet_cfg):
         config_cls, model_cls = {
             "llama": (modeling.TempNetLlamaConfig, modeling.TempNetLlamaForCausalLM),
             "gpt": (modeling.TempNetGPT2Config, modeling.TempNetGPT2ForCausalLM)}[cfg.family]

@@ -1,18 +1,22 @@
 """Hugging Face model classes that apply TempNet's per-token temperature (tempnet.md section 5).
 
 ``TempNetLlamaForCausalLM`` / ``TempNetGPT2ForCausalLM`` are the transformers classes with the
-TempNet head of training (the same :class:`~megatron_tempnet.tempnet.head.TempNetHead`, at TP=1)
-on top. Per position:
+model's own per-token tau of training on top: the TempNet head (the same
+:class:`~megatron_tempnet.tempnet.head.TempNetHead`, at TP=1; loss modes "tempnet_dro",
+"tempnet_ce") or, for a model trained with loss_mode "dro_exact" (no TempNet), the exact tau* of
+:func:`~megatron_tempnet.tempnet.exact_tau.solve_tau` (KL(p_tau || u) = rho within the tau bounds,
+computed at every step from the padded logits, as in training). Per position:
 
     logits [..., V] = lm_head(h)                               (V: the tokenizer's vocabulary)
     z      [..., V_pad] = [logits | h @ pad_logit_weight^T]    (the padded rows training saw)
-    tau    = TempNetHead(z)                                    (same convention as training)
+    tau    = TempNetHead(z)  or  solve_tau(z, rho, tau_min, tau_max)   (as in training)
     returned logits = logits / tau                             (so generate() samples at tau)
 
 Greedy decoding is unchanged (dividing by tau > 0 keeps the argmax). ``return_tau=True`` adds
 ``tau`` to the output; ``model.use_tempnet = False`` returns the plain logits (for a fixed
-temperature). The config carries TempNet's settings (M, tau bounds, rho, input convention) in
-``config.tempnet`` and the padded vocabulary size in ``config.padded_vocab_size``.
+temperature). The config carries TempNet's settings (M, tau bounds, rho, input convention and
+the training loss mode, which picks the tau) in ``config.tempnet`` and the padded vocabulary
+size in ``config.padded_vocab_size``; exports without "loss_mode" have a TempNet head.
 Importing this module registers the classes with transformers' Auto classes.
 """
 from __future__ import annotations
@@ -25,10 +29,18 @@ from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHe
                           LlamaConfig, LlamaForCausalLM)
 
 from megatron_tempnet.tempnet.config import TempNetConfig
+from megatron_tempnet.tempnet.exact_tau import solve_tau
 from megatron_tempnet.tempnet.head import TempNetHead
 
 # The TempNetConfig fields an exported model carries (the ones that define its tau).
-EXPORTED_TEMPNET_FIELDS = ("hidden_size", "tau_min", "tau_max", "rho", "input_convention")
+EXPORTED_TEMPNET_FIELDS = ("hidden_size", "tau_min", "tau_max", "rho", "input_convention",
+                           "loss_mode")
+
+
+def has_own_tau(cfg: TempNetConfig | None) -> bool:
+    """Whether a model trained with ``cfg`` exports with its own per-token tau (a TempNet head
+    or the exact tau* of "dro_exact"); "ce" and "dro_fixed_tau" export plain models."""
+    return cfg is not None and (cfg.uses_tempnet or cfg.loss_mode == "dro_exact")
 
 
 def tempnet_settings(cfg: TempNetConfig) -> dict:
@@ -36,9 +48,12 @@ def tempnet_settings(cfg: TempNetConfig) -> dict:
 
 
 def _tempnet_config(settings: dict) -> TempNetConfig:
+    """The TempNetConfig of the exported tau (loss_mode "tempnet_dro" when the export has none:
+    older exports all had a TempNet head); dropout off."""
     names = {f.name for f in dataclasses.fields(TempNetConfig)}
-    return TempNetConfig(**{k: v for k, v in settings.items() if k in names},
-                         dropout=0.0, loss_mode="tempnet_dro")
+    kept = {k: v for k, v in settings.items() if k in names}
+    kept.setdefault("loss_mode", "tempnet_dro")
+    return TempNetConfig(**kept, dropout=0.0).validate()
 
 
 class TempNetLlamaConfig(LlamaConfig):
@@ -46,7 +61,7 @@ class TempNetLlamaConfig(LlamaConfig):
 
     def __init__(self, tempnet: dict | None = None, padded_vocab_size: int | None = None, **kw):
         super().__init__(**kw)
-        self.tempnet = tempnet or tempnet_settings(TempNetConfig())
+        self.tempnet = tempnet or tempnet_settings(TempNetConfig(loss_mode="tempnet_dro"))
         self.padded_vocab_size = padded_vocab_size or self.vocab_size
 
 
@@ -55,15 +70,21 @@ class TempNetGPT2Config(GPT2Config):
 
     def __init__(self, tempnet: dict | None = None, padded_vocab_size: int | None = None, **kw):
         super().__init__(**kw)
-        self.tempnet = tempnet or tempnet_settings(TempNetConfig())
+        self.tempnet = tempnet or tempnet_settings(TempNetConfig(loss_mode="tempnet_dro"))
         self.padded_vocab_size = padded_vocab_size or self.vocab_size
 
 
 class _TempNetForCausalLM:
-    """Mixin over a transformers *ForCausalLM: divides its logits by TempNet's tau."""
+    """Mixin over a transformers *ForCausalLM: divides its logits by the model's own tau
+    (TempNet's, or the exact tau* of "dro_exact")."""
 
     def _init_tempnet(self, config) -> None:
-        self.tempnet = TempNetHead(_tempnet_config(config.tempnet), config.padded_vocab_size)
+        self.tempnet_config = cfg = _tempnet_config(config.tempnet)
+        if not has_own_tau(cfg):
+            raise ValueError(f"config.tempnet loss_mode {cfg.loss_mode!r} has no per-token tau "
+                             "to export (export it as a plain model)")
+        # "dro_exact": tau* is solved from the logits, there are no TempNet weights
+        self.tempnet = TempNetHead(cfg, config.padded_vocab_size) if cfg.uses_tempnet else None
         hidden = self.get_output_embeddings().weight.shape[1]
         pad_rows = config.padded_vocab_size - config.vocab_size
         self.pad_logit_weight = nn.Parameter(torch.zeros(pad_rows, hidden))
@@ -77,7 +98,11 @@ class _TempNetForCausalLM:
     def tau_from_logits(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """tau [...] from the unpadded logits [..., V] and the lm_head input [..., h]."""
         pad = hidden.to(self.pad_logit_weight.dtype) @ self.pad_logit_weight.t()
-        return self.tempnet(torch.cat([logits.to(pad.dtype), pad], dim=-1))
+        z = torch.cat([logits.to(pad.dtype), pad], dim=-1)  # [..., V_pad]
+        if self.tempnet is None:  # "dro_exact"
+            c = self.tempnet_config
+            return solve_tau(z, c.rho, c.tau_min, c.tau_max)
+        return self.tempnet(z)
 
     def forward(self, *args, return_tau: bool = False, **kwargs):
         out = super().forward(*args, **kwargs)

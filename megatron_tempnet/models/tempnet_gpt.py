@@ -5,12 +5,15 @@ The one seam overridden is ``compute_language_model_loss(labels, logits)``, whic
 logits shard [s, b, v/tp]. Everything before it (embedding, decoder, PP, output layer) is
 megatron-core's own code. On the last stage, per token:
 
-    1. tau = TempNet(stopgrad(logits))                  (loss_mode "tempnet_dro"; the head runs
-       here, outside megatron's RNG-tracker fork, so its dropout draws the same mask on all TP
-       ranks) or tau = fixed_tau                        (loss_mode "dro_fixed_tau")
-    2. (loss, ce, tempered_ce) = vocab-parallel DRO loss (logits, labels, tau, rho, tp_group)
+    1. tau (:meth:`TempNetGPTModel.token_tau`) = TempNet(stopgrad(logits)) (loss_modes
+       "tempnet_dro" and "tempnet_ce"; the head runs here, outside megatron's RNG-tracker fork,
+       so its dropout draws the same mask on all TP ranks), tau* = exact_tau.solve_tau(logits)
+       (loss_mode "dro_exact": the minimiser of the DRO loss, detached) or tau = fixed_tau
+       (loss_mode "dro_fixed_tau")
+    2. (loss, ce, tempered_ce) = vocab-parallel DRO loss (logits, labels, tau, rho, tp_group),
+       objective "tempered_ce" (loss = CE(z / tau, y)) for "tempnet_ce", "dro" otherwise
     3. return [b, s, K] with the channels of ``LOSS_CHANNELS``: channel 0 is the differentiable
-       DRO loss, the others are detached per-token values for reporting (plain CE at tau = 1,
+       loss, the others are detached per-token values for reporting (plain CE at tau = 1,
        tempered CE, tau). ``training.step.masked_sum_loss`` reduces them with the loss mask.
 
 loss_mode "ce" is the plain megatron-core ``GPTModel`` (its forward returns CE [b, s], which the
@@ -29,34 +32,39 @@ from megatron.core.models.gpt import GPTModel
 from megatron_tempnet.config import ConfigError, ModelConfig
 from megatron_tempnet.models.gpt import build_model
 from megatron_tempnet.parallel.runtime import ParallelContext
-from megatron_tempnet.tempnet import TempNetConfig, TempNetHead, dro_loss_per_token
+from megatron_tempnet.tempnet import TempNetConfig, TempNetHead, dro_loss_per_token, solve_tau
 from megatron_tempnet.tempnet.comm import group_rank_size
 
 # The per-token channels a TempNet/DRO model returns with labels: [b, s, len(LOSS_CHANNELS)].
 LOSS_CHANNELS = ("loss", "ce", "tempered_ce", "tau")
 # Marks TempNet's parameters; the optimizer puts them in their own group (training/optim.py).
 TEMPNET_PARAM_ATTR = "is_tempnet_parameter"
+# loss_mode -> the objective of ``dro_loss_per_token`` (tempnet/loss.py row_results)
+OBJECTIVES = {"dro_fixed_tau": "dro", "tempnet_dro": "dro", "dro_exact": "dro",
+              "tempnet_ce": "tempered_ce"}
 
 
 class TempNetGPTModel(GPTModel):
-    """``GPTModel`` whose loss is the DRO loss with TempNet's (or a fixed) tau per token.
+    """``GPTModel`` whose loss is the DRO loss (or the tempered CE) with TempNet's, the exact
+    or a fixed tau per token.
 
-    Extra constructor arguments: ``tempnet_config`` (loss_mode "tempnet_dro" or
-    "dro_fixed_tau") and ``tempnet_seed`` (TempNet's initial weights are drawn from it, the same
-    full W1 on every TP rank, each keeping its columns). The head, ``self.tempnet``, exists on the
-    last pipeline stage only and only with loss_mode "tempnet_dro"; its W1 is sharded by vocabulary
-    columns like the output layer (``models.sharding.tp_split_dim``), and megatron-core's
-    ``sharded_state_dict`` recursion reaches ``TempNetHead.sharded_state_dict`` (so checkpoints
-    hold it).
+    Extra constructor arguments: ``tempnet_config`` (a loss_mode of ``OBJECTIVES``, i.e. any but
+    "ce") and ``tempnet_seed`` (TempNet's initial weights are drawn from it, the same full W1 on
+    every TP rank, each keeping its columns). The head, ``self.tempnet``, exists on the last
+    pipeline stage only and only with a loss mode of ``TEMPNET_LOSS_MODES`` ("tempnet_dro",
+    "tempnet_ce"); its W1 is sharded by vocabulary columns like the output layer
+    (``models.sharding.tp_split_dim``), and megatron-core's ``sharded_state_dict`` recursion
+    reaches ``TempNetHead.sharded_state_dict`` (so checkpoints hold it). "dro_exact" and
+    "dro_fixed_tau" have no parameter beyond the LM's.
     """
 
     def __init__(self, *args, tempnet_config: TempNetConfig, tempnet_seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.tempnet_config = tempnet_config.validate()
-        if tempnet_config.loss_mode not in ("tempnet_dro", "dro_fixed_tau"):
-            raise ConfigError(f"TempNetGPTModel needs --tempnet-loss-mode tempnet_dro or "
-                              f"dro_fixed_tau, got {tempnet_config.loss_mode!r} (for 'ce' build "
-                              "the plain GPTModel: build_tempnet_model does)")
+        if tempnet_config.loss_mode not in OBJECTIVES:
+            raise ConfigError(f"TempNetGPTModel needs --tempnet-loss-mode one of "
+                              f"{tuple(OBJECTIVES)}, got {tempnet_config.loss_mode!r} (for 'ce' "
+                              "build the plain GPTModel: build_tempnet_model does)")
         self.tempnet = None
         if self.post_process and tempnet_config.uses_tempnet:
             tp_rank, tp_size = group_rank_size(self.tp_group)
@@ -66,18 +74,28 @@ class TempNetGPTModel(GPTModel):
             for param in self.tempnet.parameters():
                 setattr(param, TEMPNET_PARAM_ATTR, True)
 
+    def token_tau(self, logits_shard: torch.Tensor) -> torch.Tensor:
+        """The model's own tau [...] from this rank's logits shard [..., v/tp] (last stage):
+        TempNet's (differentiable in its parameters; dropout in training mode), the exact tau*
+        of "dro_exact" (detached) or the constant of "dro_fixed_tau". Identical on all TP ranks;
+        training (step 1 of the module docstring) and evaluation both call it."""
+        cfg = self.tempnet_config
+        if self.tempnet is not None:  # tempnet.md 2
+            return self.tempnet(logits_shard, self.tp_group)
+        if cfg.loss_mode == "dro_exact":
+            return solve_tau(logits_shard, cfg.rho, cfg.tau_min, cfg.tau_max, self.tp_group)
+        return torch.full(logits_shard.shape[:-1], cfg.fixed_tau, dtype=torch.float32,
+                          device=logits_shard.device)
+
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
-        """Per-token DRO loss and report channels [b, s, K] from labels [b, s] and the logits
+        """Per-token loss and report channels [b, s, K] from labels [b, s] and the logits
         shard [s, b, v/tp] (see the module docstring for the steps)."""
         cfg = self.tempnet_config
         target = labels.transpose(0, 1)  # [s, b]
-        if self.tempnet is not None:  # 1. tau [s, b] from the detached logits (tempnet.md 2)
-            tau = self.tempnet(logits, self.tp_group)
-        else:
-            tau = torch.full(target.shape, cfg.fixed_tau, dtype=torch.float32,
-                             device=logits.device)
-        # 2. vocab-parallel DRO loss (tempnet.md 1 and 3), each [s, b]
-        loss, ce, tempered_ce = dro_loss_per_token(logits, target, tau, cfg.rho, self.tp_group)
+        tau = self.token_tau(logits)  # 1. tau [s, b] from the detached logits
+        # 2. vocab-parallel DRO loss or tempered CE (tempnet.md 1 and 3), each [s, b]
+        loss, ce, tempered_ce = dro_loss_per_token(logits, target, tau, cfg.rho, self.tp_group,
+                                                   objective=OBJECTIVES[cfg.loss_mode])
         # 3. [s, b, K] -> [b, s, K]; only channel 0 carries gradient
         out = torch.stack([loss, ce, tempered_ce, tau.detach().to(loss.dtype)], dim=-1)
         return out.transpose(0, 1).contiguous()
@@ -100,7 +118,7 @@ def build_tempnet_model(model_cfg: ModelConfig, tempnet_cfg: TempNetConfig,
                         seed: int = 0, use_transformer_engine=None):
     """This rank's stage for ``tempnet_cfg.loss_mode``, with its training mode applied.
 
-    "ce": megatron-core's plain GPTModel (vocab-parallel CE); "dro_fixed_tau" / "tempnet_dro":
+    "ce": megatron-core's plain GPTModel (vocab-parallel CE); every other mode:
     :class:`TempNetGPTModel` (TempNet's initial weights drawn from ``seed``).
     """
     tempnet_cfg.validate()

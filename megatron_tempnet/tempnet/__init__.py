@@ -1,6 +1,7 @@
 """TempNet (per-token temperature) and the KL-DRO loss, vocab-parallel (docs: tempnet.md)."""
 from megatron_tempnet.tempnet.comm import all_reduce, group_rank_size, reduce_from_tp
 from megatron_tempnet.tempnet.config import TempNetConfig
+from megatron_tempnet.tempnet.exact_tau import solve_tau
 from megatron_tempnet.tempnet.head import PARAM_NAMES, TempNetHead, full_init_params
 from megatron_tempnet.tempnet.loss import dro_loss, dro_loss_per_token
 from megatron_tempnet.tempnet.reference import (dro_loss_per_token_reference, dro_loss_reference,
@@ -9,4 +10,4 @@ from megatron_tempnet.tempnet.reference import (dro_loss_per_token_reference, dr
 __all__ = ["PARAM_NAMES", "TempNetConfig", "TempNetHead", "all_reduce", "dro_loss",
            "dro_loss_per_token", "dro_loss_per_token_reference", "dro_loss_reference",
            "full_init_params", "group_rank_size", "reduce_from_tp", "reduce_token_losses",
-           "tempnet_reference"]
+           "solve_tau", "tempnet_reference"]

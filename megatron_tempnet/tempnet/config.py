@@ -15,8 +15,13 @@ from megatron_tempnet.config import ConfigError
 INPUT_CONVENTIONS = ("raw", "max_shifted")
 LR_SCHEDULES = ("constant", "lm")
 # "ce": plain megatron GPTModel, vocab-parallel CE (TempNet off); "dro_fixed_tau": the DRO loss
-# with a constant tau (ablation, no TempNet); "tempnet_dro": TempNet's tau + the DRO loss.
-LOSS_MODES = ("ce", "dro_fixed_tau", "tempnet_dro")
+# with a constant tau (ablation, no TempNet); "tempnet_dro": TempNet's tau + the DRO loss;
+# "dro_exact": the DRO loss at its exact per-token tau* (no TempNet: the paper's "DRO without
+# TempNet", tempnet/exact_tau.py); "tempnet_ce": TempNet's tau + the tempered CE(z/tau, y) (the
+# paper's "TempNet without DRO").
+LOSS_MODES = ("ce", "dro_fixed_tau", "tempnet_dro", "dro_exact", "tempnet_ce")
+# The loss modes whose model carries a TempNet head (and so can train it with the LM frozen).
+TEMPNET_LOSS_MODES = ("tempnet_dro", "tempnet_ce")
 # "scratch": LM + TempNet from random init; "finetune": a pretrained LM (loaded from a
 # checkpoint) + TempNet, both trained; "frozen_lm": only TempNet trains (LM requires_grad=False).
 TRAINING_MODES = ("scratch", "finetune", "frozen_lm")
@@ -47,12 +52,21 @@ class TempNetConfig:
                   scratch; 1e-4 to 2e-4 with the LM frozen).
     lr_schedule:  "constant" (default, as upstream): TempNet's group keeps ``lr``;
                   "lm": it follows the LM's scheduler, scaled so that its peak is ``lr``.
-    loss_mode:    "ce" (default: plain GPTModel, TempNet off), "dro_fixed_tau" (DRO loss with
-                  tau = ``fixed_tau``, no TempNet: the paper's "DRO without TempNet" ablation),
-                  "tempnet_dro" (TempNet predicts tau per token, DRO loss).
+    loss_mode:    "ce" (default: plain GPTModel, TempNet off);
+                  "dro_fixed_tau" (DRO loss with tau = ``fixed_tau``, no TempNet);
+                  "tempnet_dro" (TempNet predicts tau per token, DRO loss);
+                  "dro_exact" (no TempNet: the paper's "DRO without TempNet". Per token, tau* in
+                  [tau_min, tau_max] solves KL(p_tau || u) = rho on the detached logits, or is
+                  the bound where no root lies inside; the loss is the DRO loss at tau*, i.e.
+                  the dual value min over tau of l(z, y, tau), with its exact gradient
+                  (tempnet/exact_tau.py). Evaluation and the exported model use tau* as the
+                  model's own tau);
+                  "tempnet_ce" (TempNet's tau per token, loss = CE(z / tau, y): the paper's
+                  "TempNet without DRO"; rho is not used by the loss).
     fixed_tau:    the constant tau of "dro_fixed_tau" (tau = 1 gives CE + rho - log V).
     training_mode: "scratch" | "finetune" | "frozen_lm" (tempnet.md 2: the three modes).
-                  frozen_lm trains TempNet only, so it needs loss_mode "tempnet_dro".
+                  frozen_lm trains TempNet only, so it needs a loss mode with TempNet
+                  (``TEMPNET_LOSS_MODES``: "tempnet_dro" or "tempnet_ce").
     dro_loss_impl: ``--dro-loss-impl`` auto | reference | fused | fused_linear (see
                   ``DRO_LOSS_IMPLS``); every one computes the same math (tempnet/loss.py).
     """
@@ -112,13 +126,13 @@ class TempNetConfig:
                               f"{self.dro_loss_impl!r}: choose one of {DRO_LOSS_IMPLS}")
         if self.training_mode not in TRAINING_MODES:
             raise bad("training_mode", f"choose one of {TRAINING_MODES}")
-        if self.training_mode == "frozen_lm" and self.loss_mode != "tempnet_dro":
+        if self.training_mode == "frozen_lm" and not self.uses_tempnet:
             raise bad("training_mode", "frozen_lm trains TempNet only: it needs "
-                                       "--tempnet-loss-mode tempnet_dro "
+                                       "--tempnet-loss-mode tempnet_dro or tempnet_ce "
                                        f"(got {self.loss_mode!r}, which has nothing to train)")
         return self
 
     @property
     def uses_tempnet(self) -> bool:
-        """Whether the model carries a TempNet head (loss_mode "tempnet_dro")."""
-        return self.loss_mode == "tempnet_dro"
+        """Whether the model carries a TempNet head (``TEMPNET_LOSS_MODES``)."""
+        return self.loss_mode in TEMPNET_LOSS_MODES

@@ -2,13 +2,14 @@
 tau, and at the best single global temperature (tempnet.md 5).
 
 What is computed (all loss-mask weighted, reduced over TP, micro-batches and DP):
-  * perplexity exp(mean NLL) at tau = 1; with TempNet's per-token tau (loss_mode "tempnet_dro");
-    at the fixed tau (loss_mode "dro_fixed_tau"); at the best global temperature T;
+  * perplexity exp(mean NLL) at tau = 1; with the model's own per-token tau: TempNet's (loss
+    modes "tempnet_dro", "tempnet_ce") or the exact tau* (loss_mode "dro_exact",
+    tempnet/exact_tau.py); at the fixed tau (loss_mode "dro_fixed_tau"); at the best global T;
   * expected calibration error (ECE, ``EvalConfig.ece_bins`` = 15 equal-width confidence bins
     (lo, hi], Guo et al. 2017) of next-token prediction at the same temperatures: confidence =
     max softmax prob, correct = (argmax == target). A temperature tau > 0 changes the confidence,
     never the argmax, so one correctness flag serves every temperature;
-  * top-1 accuracy, TempNet's mean tau and a fixed-bin histogram of tau over [tau_min, tau_max].
+  * top-1 accuracy, the own tau's mean and a fixed-bin histogram over [tau_min, tau_max].
 
 The best global T (tempnet.md 5 asks for it beside tau = 1 and TempNet's tau):
   1. pass 1: every temperature of a coarse grid in the same pass: ``EvalConfig.temperature_points``
@@ -28,7 +29,8 @@ logits are never gathered), from this rank's shard z [t, v/tp], target y and tem
      come before the target), [z_y = m] (owner rank), S_j = sum_v exp((z_v - m) / tau_j)
   3. NLL_j = lse(z / tau_j) - z_y / tau_j = (m - z_y) / tau_j + log S_j;  confidence_j = 1 / S_j;
      correct = [z_y = m] and no tie before y (argmax takes the lowest index among ties).
-Two collectives per micro-batch, for any number of temperatures (plus TempNet's own one).
+Two collectives per micro-batch, for any number of temperatures (plus those of the own tau:
+TempNet's one, or the exact solver's few).
 
 PP > 1: the model runs through megatron-core's schedule with ``forward_only=True``; the last
 stage's loss_func turns the logits shard into one vector of per-micro-batch sums (see
@@ -60,7 +62,8 @@ class EvalConfig:
     refine_points:      log-spaced temperatures of pass 2 between the best coarse point's
                         neighbours (0: no second pass; the best T is a coarse grid point).
     ece_bins:           equal-width confidence bins of the ECE.
-    tau_histogram_bins: bins of the eval tau histogram over [tau_min, tau_max] (TempNet only).
+    tau_histogram_bins: bins of the eval histogram of the model's own per-token tau over
+                        [tau_min, tau_max] (TempNet or exact tau only).
     """
 
     eval_interval: int = 0
@@ -162,7 +165,8 @@ def expected_calibration_error(bins: torch.Tensor) -> float:
 @dataclass(frozen=True)
 class _StatLayout:
     """Offsets of the flat per-micro-batch sum vector. Columns j < num_scalar are the global
-    temperatures ``temperatures``; column num_scalar (if ``token_tau``) is TempNet's tau."""
+    temperatures ``temperatures``; column num_scalar (if ``token_tau``) is the model's own
+    per-token tau (TempNet's or the exact tau*)."""
 
     temperatures: tuple
     token_tau: bool
@@ -194,8 +198,8 @@ def _micro_batch_sums(layout: _StatLayout, model, tp_group, tau_range, batch, lo
     temps = torch.tensor(layout.temperatures, dtype=torch.float64, device=logits.device)
     temps = temps.expand(flat.shape[0], -1)  # [t, J0]
     tau = None
-    if layout.token_tau:  # TempNet in eval mode, outside megatron's RNG fork (head.py)
-        tau = model.tempnet(logits, tp_group).reshape(-1).to(torch.float64)  # [t]
+    if layout.token_tau:  # TempNet in eval mode, outside megatron's RNG fork (head.py), or tau*
+        tau = model.token_tau(logits).reshape(-1).to(torch.float64)  # [t]
         temps = torch.cat([temps, tau.unsqueeze(-1)], dim=-1)  # [t, J]
     nll, conf, correct = vocab_parallel_token_stats(flat, target, temps, tp_group)
     keep = (mask != 0).unsqueeze(-1)
@@ -276,14 +280,15 @@ def evaluate(model_chunks: list, batches, num_batches: int, ctx, *, seq_length: 
     Every rank returns the same dict (broadcast from the last stage over ``ctx.pp_group``):
     scalars "eval tokens", "accuracy", "ppl tau=1", "ece tau=1", "best T", "ppl best T",
     "ece best T"; with TempNet "ppl tempnet", "ece tempnet", "tau mean" and
-    "tau histogram" ({"edges": [...], "counts": [...]}); with a fixed tau "fixed tau",
+    "tau histogram" ({"edges": [...], "counts": [...]}); with loss_mode "dro_exact" the same
+    for the exact tau* with "ppl exact tau", "ece exact tau"; with a fixed tau "fixed tau",
     "ppl fixed tau", "ece fixed tau"; and "temperature grid" ([[T, ppl, ece], ...], both
     passes, sorted by T). The model is run in eval mode and put back in its previous mode.
     """
     config = (config or EvalConfig()).validate()
     model = _unwrap(model_chunks[-1])
     tcfg = getattr(model, "tempnet_config", None)
-    token_tau = getattr(model, "tempnet", None) is not None
+    token_tau = own_tau_name(tcfg) is not None
     fixed = tcfg.fixed_tau if tcfg is not None and tcfg.loss_mode == "dro_fixed_tau" else None
     coarse = config.coarse_grid(() if fixed is None else (fixed,))
     modes = [chunk.training for chunk in model_chunks]
@@ -323,6 +328,16 @@ def evaluate(model_chunks: list, batches, num_batches: int, ctx, *, seq_length: 
     return _broadcast_from_last_stage(result, ctx)
 
 
+def own_tau_name(tempnet_cfg) -> str | None:
+    """The metric name of the model's own per-token tau: "tempnet" (a TempNet head), "exact tau"
+    (loss_mode "dro_exact": tau* of tempnet/exact_tau.py) or None (plain model, fixed tau)."""
+    if tempnet_cfg is None:
+        return None
+    if tempnet_cfg.uses_tempnet:
+        return "tempnet"
+    return "exact tau" if tempnet_cfg.loss_mode == "dro_exact" else None
+
+
 def _broadcast_from_last_stage(obj, ctx):
     if ctx.pp_size == 1 or ctx.pp_group is None:
         return obj
@@ -352,10 +367,10 @@ def _metrics(layout, first, fine_layout, second, fixed, tcfg, config) -> dict:
     out = {"eval tokens": count, "accuracy": float(a["correct"]) / denom,
            "ppl tau=1": grid[1.0][0], "ece tau=1": grid[1.0][1]}
     if layout.token_tau:
-        j = len(layout.temperatures)
+        j, name = len(layout.temperatures), own_tau_name(tcfg)
         edges = torch.linspace(tcfg.tau_min, tcfg.tau_max, layout.hist_bins + 1)
-        out.update({"ppl tempnet": ppl(a["nll"][j]),
-                    "ece tempnet": expected_calibration_error(a["bins"][j]),
+        out.update({f"ppl {name}": ppl(a["nll"][j]),
+                    f"ece {name}": expected_calibration_error(a["bins"][j]),
                     "tau mean": float(a["tau_sum"]) / denom,
                     "tau histogram": {"edges": edges.tolist(),
                                       "counts": a["tau_hist"].tolist()}})
@@ -373,6 +388,9 @@ def format_eval_table(metrics: dict, title: str = "validation") -> str:
     if "ppl tempnet" in metrics:
         rows.append((f"TempNet tau (mean {metrics['tau mean']:.3f})", metrics["ppl tempnet"],
                      metrics["ece tempnet"]))
+    if "ppl exact tau" in metrics:
+        rows.append((f"exact tau* (mean {metrics['tau mean']:.3f})", metrics["ppl exact tau"],
+                     metrics["ece exact tau"]))
     if "ppl fixed tau" in metrics:
         rows.append((f"fixed tau = {metrics['fixed tau']:g}", metrics["ppl fixed tau"],
                      metrics["ece fixed tau"]))

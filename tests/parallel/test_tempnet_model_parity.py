@@ -1,4 +1,6 @@
-"""TempNet GPT/LLaMA (TempNet head + DRO loss) at TP=2, PP=2 and DP=2 match one process.
+"""TempNet GPT/LLaMA (TempNet head + DRO loss) at TP=2, PP=2 and DP=2 match one process; at
+TP=2 also the loss modes "dro_fixed_tau", "dro_exact" (the vocab-parallel tau* solver) and
+"tempnet_ce" (TempNet with the tempered CE).
 
 One torchrun launch (2 processes) runs every layout (tests/workers/tempnet_model_worker.py);
 the reference is the same model at TP=1/PP=1 in this process. Checked: the DRO loss, plain CE,
@@ -11,6 +13,7 @@ agree (same tau stats, identical replicated gradients): the head runs outside me
 tracker fork, so both TP ranks draw the same mask.
 """
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -33,6 +36,8 @@ LAYOUTS = {
     "gpt tempnet PP=2": ("tiny-gpt", "tempnet_dro", 0.0, (1, 2)),  # tied embeddings
     "llama fixed tau TP=2": ("tiny-llama", "dro_fixed_tau", 0.0, (2, 1)),
     "llama dropout TP=2": ("tiny-llama", "tempnet_dro", 0.5, (2, 1)),
+    "llama exact tau TP=2": ("tiny-llama", "dro_exact", 0.0, (2, 1)),  # the tau* solver
+    "llama tempnet ce TP=2": ("tiny-llama", "tempnet_ce", 0.0, (2, 1)),  # tempered CE objective
 }
 
 
@@ -51,6 +56,12 @@ def reference_case(single_process, preset, loss_mode, dropout, seed):
     batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1),
              "position_ids": torch.arange(s).expand(b, s).contiguous(),
              "loss_mask": (torch.rand(b, s) > 0.2).float()}
+    if loss_mode == "dro_exact":  # logits of scale ~1 (tau* well conditioned: Var_p(z/tau) ~ 1)
+        with torch.no_grad():  # and rho = the median KL at tau 0.7: roots inside the bounds
+            model.output_layer.weight.mul_(10)
+            logits = model(batch["tokens"], batch["position_ids"], None).double()
+            logp = torch.log_softmax(logits / 0.7, dim=-1)
+            tcfg.rho = float((logp.exp() * logp).sum(-1).median()) + math.log(logits.shape[-1])
     out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     total, count, reports = masked_sum_loss(batch["loss_mask"], out)
     (total / count).backward()
@@ -91,11 +102,14 @@ def test_tempnet_model_tp_pp_dp_match_single_process(single_process, tmp_path):
         locals_ = {(r["pp_rank"], r["tp_rank"]): r["grads"] for r in per_rank if r["dp_rank"] == 0}
         grads = assemble_full(locals_, cfg, tp, pp)
         assert set(grads) == set(ref_grads), (where, sorted(set(grads) ^ set(ref_grads)))
-        assert any(k.startswith("tempnet.") for k in grads) == (mode == "tempnet_dro"), where
+        uses_tempnet = TempNetConfig(loss_mode=mode).uses_tempnet
+        assert any(k.startswith("tempnet.") for k in grads) == uses_tempnet, where
         for key, ref in ref_grads.items():
             torch.testing.assert_close(grads[key], ref, atol=GRAD_ATOL, rtol=GRAD_RTOL,
                                        msg=f"{where}: {key}")
-        if tp == 2 and mode == "tempnet_dro":  # W1 is saved as a column shard of [M, V]
+        if mode == "dro_exact":  # some tokens at their root, some at a bound
+            assert ref_metrics["tau min"] < ref_metrics["tau max"], where
+        if tp == 2 and uses_tempnet:  # W1 is saved as a column shard of [M, V]
             m, v = grads["tempnet.w1"].shape
             assert {r["w1_sharding"] for r in per_rank} == {
                 ((m, v // 2), (m, v), (0, 0)), ((m, v // 2), (m, v), (0, v // 2))}, where

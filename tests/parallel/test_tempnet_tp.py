@@ -1,8 +1,11 @@
 """TempNet head + DRO loss at TP=2 (torchrun, 2 processes, gloo) equal the single-process TP=1
 results on the same full inputs (tempnet.md section 3), and the loss costs no more collectives
-than megatron-core's vocab-parallel cross-entropy. One launch covers every check.
+than megatron-core's vocab-parallel cross-entropy; so do the exact tau* of loss_mode "dro_exact"
+(exact_tau.solve_tau: one all-reduce(max), then one packed all-reduce(sum) per pass) and the
+DRO loss at it. One launch covers every check.
 """
 import dataclasses
+import math
 import os
 import random
 
@@ -10,8 +13,9 @@ import pytest
 import torch
 
 from megatron_tempnet.tempnet import TempNetConfig
+from megatron_tempnet.tempnet.exact_tau import MAX_ITERS
 from torchrun import run_torchrun
-from workers.tempnet_tp_worker import run_case
+from workers.tempnet_tp_worker import run_case, run_exact
 
 pytestmark = pytest.mark.parallel
 FP32_TOL = dict(rtol=1e-5, atol=1e-6)  # fp32; the TP reductions reorder sums
@@ -27,9 +31,13 @@ def make_case(seed: int) -> dict:
     target[mask == 0] = torch.where(torch.rand(int((mask == 0).sum()), generator=g) > 0.5,
                                     -100, 7)  # ignore_index style and valid ids, both masked
     base = dict(hidden_size=M, tau_min=0.3, tau_max=4.0, dropout=0.5)
+    logits = torch.randn(S, B, V, generator=g) * 4
+    logp = torch.log_softmax(logits.double(), dim=-1)  # dro_exact: rho = the median KL at tau 1
+    exact_rho = float((logp.exp() * logp).sum(-1).median()) + math.log(V)
     raw = dataclasses.asdict(TempNetConfig(**base, input_convention="raw"))
     shifted = dataclasses.asdict(TempNetConfig(**base, input_convention="max_shifted"))
-    return {"logits": torch.randn(S, B, V, generator=g) * 4, "target": target,
+    return {"logits": logits, "exact_rho": exact_rho, "exact_bounds": (0.3, 4.0),
+            "target": target,
             "loss_mask": mask, "rho": float(torch.rand((), generator=g)) * 4,
             "init_seed": seed % 100003, "dropout_seed": seed % 7919 + 1,
             "runs": [("raw-eval", raw, False), ("raw-train", raw, True),
@@ -89,3 +97,24 @@ def test_tempnet_tp2_matches_tp1(tmp_path):
         assert shape == (M, V) and offset == (0, rank * V // 2), r["sharded"]
         shape, offset, _ = r["sharded"]["tempnet.w2"]
         assert shape == (M, M) and offset == (0, 0), r["sharded"]
+
+    # the exact tau* (loss_mode "dro_exact") and the DRO loss at it
+    ref = run_exact(case, 0, 1, None)
+    tp = [r["exact"] for r in ranks]
+    where = f"exact tau (seed {seed}; TEMPNET_TEST_SEED={seed} replays it)"
+    lo, hi = case["exact_bounds"]
+    assert ((ref["tau"] > lo) & (ref["tau"] < hi)).any(), where  # roots, not only bounds
+    assert torch.equal(tp[0]["tau"], tp[1]["tau"]), where
+    torch.testing.assert_close(tp[0]["tau"], ref["tau"], **FP32_TOL, msg=where)
+    torch.testing.assert_close(tp[0]["loss"], ref["loss"], **FP32_TOL, msg=where)
+    for key, value in ref["stats"].items():
+        torch.testing.assert_close(tp[0]["stats"][key], value, **FP32_TOL, msg=f"{key}: {where}")
+    torch.testing.assert_close(torch.cat([r["logits_grad"] for r in tp], dim=-1),
+                               ref["logits_grad"], **FP32_TOL, msg=f"logits grad: {where}")
+    # collectives: all-reduce(max) of [t], the bounds' packed sums [t, 6], then one packed [n, 3]
+    # per Newton pass over the n rows not converged yet; the same sequence on both ranks
+    calls = tp[0]["solver_calls"]
+    assert calls == tp[1]["solver_calls"] and ref["solver_calls"] == [], where
+    t = S * B
+    assert calls[:2] == [(t,), (t, 6)] and 2 < len(calls) <= 2 + MAX_ITERS, (calls, where)
+    assert all(len(c) == 2 and c[0] <= t and c[1] == 3 for c in calls[2:]), (calls, where)

@@ -82,10 +82,25 @@ def test_fused_matches_reference(seed, dtype, objective):
 
 @pytest.mark.parametrize("tau_range", [(0.01, 0.05), (0.5, 5.0)])
 def test_fused_extreme_logits(seed, tau_range):
-    """|z| ~ 1e4 with tau down to 0.01: z/tau ~ 1e6, all sums must stay finite."""
-    case = make_case(seed, tokens=9, vocab=257, scale=1e4, tau_range=tau_range)
-    check_against_reference(*case, torch.float32, "dro", f"1e4 logits tau {tau_range} "
-                                                         f"seed {seed}")
+    """|z| ~ 1e4 with tau down to 0.01: z/tau up to ~1e6, every sum must stay finite. fp32 holds
+    z/tau ~ 2e4 to ~1e-3, so the gradients are compared at atol 1e-4 against the fp64 oracle,
+    and the fused error must not exceed the torch (reference) implementation's by more than 2x."""
+    logits, target, tau, mask, rho = make_case(seed, tokens=9, vocab=257, scale=1e4,
+                                               tau_range=tau_range)
+    args = (logits.float(), target, tau.float(), mask, rho)
+    fused = loss_and_grads(dro_loss, *args, impl="fused")
+    torch_impl = loss_and_grads(dro_loss, *args, impl="reference")
+    oracle = loss_and_grads(dro_loss_reference, logits.float().double(), target,
+                            tau.float().double(), mask, rho)
+    where = f"1e4 logits tau {tau_range} seed {seed}"
+    torch.testing.assert_close(fused[0].double(), oracle[0], **TOL, msg=where)
+    for i, name in ((2, "logits grad"), (3, "tau grad")):
+        assert torch.isfinite(fused[i]).all(), (name, where)
+        torch.testing.assert_close(fused[i].double(), oracle[i], rtol=1e-4, atol=1e-4,
+                                   msg=f"{name}: {where}")
+        err = (fused[i].double() - oracle[i]).abs().max()
+        err_torch = (torch_impl[i].double() - oracle[i]).abs().max()
+        assert err <= 2 * err_torch + 1e-6, (name, float(err), float(err_torch), where)
 
 
 def test_kernels_stream_over_several_blocks(seed):

@@ -27,3 +27,12 @@ def test_bad_value_names_its_field(field, value):
 def test_tau_max_not_above_tau_min_is_rejected():
     with pytest.raises(ConfigError, match="tau_min.*must be < tau_max"):
         TempNetConfig(tau_min=2.0, tau_max=2.0).validate()
+
+
+def test_loss_modes_and_which_carry_tempnet():
+    expected = {"ce": False, "dro_fixed_tau": False, "tempnet_dro": True, "dro_exact": False,
+                "tempnet_ce": True}
+    for mode, has_head in expected.items():
+        assert TempNetConfig(loss_mode=mode).validate().uses_tempnet == has_head, mode
+    with pytest.raises(ConfigError, match=r"loss_mode.*'dro_exact', 'tempnet_ce'"):
+        TempNetConfig(loss_mode="dro").validate()

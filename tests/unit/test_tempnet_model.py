@@ -1,6 +1,7 @@
-"""TempNetGPTModel (one process): dense-reference oracle, loss mask, fixed-tau identity, config.
+"""TempNetGPTModel (one process): dense-reference oracle, loss mask, fixed-tau identity, config,
+the loss modes "tempnet_ce" and "dro_exact", and their checkpoint / Hugging Face round trips.
 
-The model's per-token output [b, s, 4] = (DRO loss, plain CE, tempered CE, tau) is checked
+The model's per-token output [b, s, 4] = (loss, plain CE, tempered CE, tau) is checked
 against the dense references of tempnet/reference.py applied to the model's own full logits
 (its forward without labels), gradients included (tempnet.md 1-2).
 """
@@ -15,6 +16,7 @@ from megatron_tempnet.models.sharding import model_tensors
 from megatron_tempnet.models.tempnet_gpt import (LOSS_CHANNELS, TempNetGPTModel,
                                                  build_tempnet_model)
 from megatron_tempnet.tempnet import TempNetConfig, dro_loss_reference, tempnet_reference
+from megatron_tempnet.tempnet.config import TEMPNET_LOSS_MODES
 from megatron_tempnet.training.step import global_metrics, masked_sum_loss
 
 RTOL, ATOL = 1e-5, 1e-6  # fp32
@@ -44,8 +46,11 @@ def loss_and_grads(model, batch):
     return out.detach(), reports, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_output_and_gradients_match_the_dense_references(single_process):
-    cfg, tcfg, model = tiny(single_process)
+# TempNet's tau with the DRO loss, and with the tempered CE(z / tau, y) ("TempNet without DRO")
+@pytest.mark.parametrize("loss_mode,objective", [("tempnet_dro", "dro"),
+                                                 ("tempnet_ce", "tempered_ce")])
+def test_output_and_gradients_match_the_dense_references(single_process, loss_mode, objective):
+    cfg, tcfg, model = tiny(single_process, loss_mode=loss_mode)
     assert isinstance(model, TempNetGPTModel) and len(LOSS_CHANNELS) == 4
     batch = make_batch(cfg.vocab_size)
     out, reports, grads = loss_and_grads(model, batch)
@@ -54,7 +59,8 @@ def test_output_and_gradients_match_the_dense_references(single_process):
     logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, V] full at TP=1
     params = dict(model.tempnet.named_parameters())
     tau = tempnet_reference(logits, params, tcfg)  # [b, s]
-    loss, stats = dro_loss_reference(logits, batch["labels"], tau, batch["loss_mask"], tcfg.rho)
+    loss, stats = dro_loss_reference(logits, batch["labels"], tau, batch["loss_mask"], tcfg.rho,
+                                     objective)
     loss.backward()
     torch.testing.assert_close(out[..., 3], tau.detach(), rtol=RTOL, atol=ATOL)
     metrics = global_metrics([reports], None)
@@ -65,6 +71,8 @@ def test_output_and_gradients_match_the_dense_references(single_process):
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=ATOL, msg=name)
     assert grads["tempnet.w1"].abs().sum() > 0 and grads["output_layer.weight"].abs().sum() > 0
+    if objective == "tempered_ce":  # the loss channel is the tempered CE itself
+        torch.testing.assert_close(out[..., 0], out[..., 2], rtol=0, atol=0)
 
 
 def test_masked_tokens_contribute_nothing(single_process):
@@ -116,11 +124,115 @@ def test_new_config_fields_name_their_flag(field, value):
 
 
 def test_frozen_lm_needs_tempnet_and_one_pipeline_stage(single_process):
-    with pytest.raises(ConfigError, match="frozen_lm.*tempnet_dro"):
-        TempNetConfig(training_mode="frozen_lm", loss_mode="dro_fixed_tau").validate()
+    for mode in ("dro_fixed_tau", "dro_exact", "ce"):  # nothing but the LM to train
+        with pytest.raises(ConfigError, match=f"frozen_lm.*tempnet_dro or tempnet_ce.*{mode}"):
+            TempNetConfig(training_mode="frozen_lm", loss_mode=mode).validate()
+    for mode in TEMPNET_LOSS_MODES:
+        TempNetConfig(training_mode="frozen_lm", loss_mode=mode).validate()
     import dataclasses
     two_stages = dataclasses.replace(single_process, pp_size=2)
     with pytest.raises(ConfigError, match="pipeline-model-parallel-size 1"):
         build_tempnet_model(load_model_preset("tiny-llama", vocab_size=64),
                             TempNetConfig(loss_mode="tempnet_dro", training_mode="frozen_lm"),
                             two_stages)
+
+
+def kl_to_uniform(logits, tau):
+    """KL(softmax(z / tau) || uniform over the padded V) [...], float64."""
+    logp = torch.log_softmax(logits.double() / tau.double().unsqueeze(-1), dim=-1)
+    return math.log(logits.shape[-1]) + (logp.exp() * logp).sum(-1)
+
+
+def test_dro_exact_is_the_dro_loss_at_the_exact_tau(single_process):
+    # rho between KL(tau_max) and KL(tau_min) of this model's small initial logits: some rows
+    # have their root inside [tau_min, tau_max], the others clamp to tau_min
+    cfg, tcfg, model = tiny(single_process, loss_mode="dro_exact", rho=0.045)
+    assert model.tempnet is None and not any("tempnet" in k for k in model.state_dict())
+    batch = make_batch(cfg.vocab_size)
+    out, reports, grads = loss_and_grads(model, batch)
+
+    model.zero_grad(set_to_none=True)
+    logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, V] full at TP=1
+    tau = out[..., 3]  # tau*, detached: the oracle checks it, then uses it as a constant
+    kl = kl_to_uniform(logits.detach(), tau)
+    inside = (tau > tcfg.tau_min) & (tau < tcfg.tau_max)
+    assert 0 < inside.sum() < tau.numel() and torch.all(tau[~inside] == tcfg.tau_min)
+    assert torch.all(torch.where(inside, (kl - tcfg.rho).abs() <= 2e-5, True)), kl - tcfg.rho
+    assert torch.all(torch.where(~inside, kl <= tcfg.rho, True))  # no root: dl/dtau > 0
+    loss, stats = dro_loss_reference(logits, batch["labels"], tau, batch["loss_mask"], tcfg.rho)
+    loss.backward()  # the envelope theorem: tau* constant gives the exact gradient
+    metrics = global_metrics([reports], None)
+    for ours, ref in [("dro loss", "dro_loss"), ("lm loss", "ce"), ("tempered ce", "tempered_ce"),
+                      ("tau", "tau_mean"), ("tau min", "tau_min"), ("tau max", "tau_max")]:
+        torch.testing.assert_close(metrics[ours], stats[ref], rtol=RTOL, atol=ATOL, msg=ours)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=ATOL, msg=name)
+    # the DRO dual value: no tau on a grid in the bounds gives a lower loss for any token
+    grid = torch.linspace(tcfg.tau_min, tcfg.tau_max, 200, dtype=torch.float64)
+    z = logits.detach().double()
+    z_y = z.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
+    on_grid = (grid * torch.logsumexp(z.unsqueeze(-2) / grid.view(-1, 1), -1) - z_y.unsqueeze(-1)
+               + (tcfg.rho - math.log(z.shape[-1])) * grid)  # [b, s, G]
+    assert torch.all(out[..., 0].double() <= on_grid.amin(-1) + 1e-6)
+
+
+@pytest.mark.parametrize("loss_mode", ["dro_exact", "tempnet_ce"])
+def test_new_modes_checkpoint_and_export_round_trip(single_process, tmp_path, monkeypatch,
+                                                    loss_mode):
+    """Save through dist_checkpointing (this process), load with the converter's reader, export
+    to Hugging Face: the weights and config come back and the export applies the same tau."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from megatron_tempnet.config import TrainConfig
+    from megatron_tempnet.hf import convert
+    from megatron_tempnet.training.checkpointing import (CHECKPOINT_VERSION, iteration_dir,
+                                                         model_sharded_state_dict, run_record,
+                                                         save_sharded, shape_mismatches,
+                                                         write_latest)
+
+    cfg, tcfg, model = tiny(single_process, loss_mode=loss_mode, rho=0.045, tau_min=0.3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    record = run_record(cfg, tcfg, TrainConfig(), single_process)
+    path = iteration_dir(tmp_path / "ckpt", 3)
+    path.mkdir(parents=True)
+    state = model_sharded_state_dict([model])
+    state.update(iteration=3, consumed_samples=0, checkpoint_version=CHECKPOINT_VERSION,
+                 config=record)
+    save_sharded(state, path)
+    write_latest(tmp_path / "ckpt", 3)
+
+    monkeypatch.setattr(convert, "_single_process", lambda: single_process)  # no re-initialize
+    full, _, loaded_cfg = convert.load_checkpoint_full(str(tmp_path / "ckpt"))
+    assert loaded_cfg == tcfg
+    ours = model_tensors(model)
+    assert set(full) == set(ours) and any(k.startswith("tempnet.") for k in full) == (
+        loss_mode == "tempnet_ce")
+    for key, value in ours.items():
+        assert torch.equal(full[key], value), key
+    assert shape_mismatches(record, record, finetune=False) == []
+    other = run_record(cfg, dataclasses.replace(tcfg, loss_mode="tempnet_dro", hidden_size=16),
+                       TrainConfig(), single_process)
+    hidden_mismatch = [m for m in shape_mismatches(record, other, finetune=True)
+                       if "hidden_size" in m]
+    assert bool(hidden_mismatch) == (loss_mode == "tempnet_ce"), hidden_mismatch
+
+    convert.checkpoint_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "TempNetLlamaForCausalLM"
+    assert hf.config.tempnet["loss_mode"] == loss_mode and hf.config.tempnet["tau_min"] == 0.3
+    assert (hf.tempnet is None) == (loss_mode == "dro_exact")
+    batch = make_batch(cfg.vocab_size, b=2, s=9)
+    model.eval()
+    with torch.no_grad():
+        logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, 256]
+        tau = model.token_tau(logits)
+        out = hf(batch["tokens"], return_tau=True)
+    inside = (tau > tcfg.tau_min) & (tau < tcfg.tau_max)
+    assert inside.any() and tau.std() > 0  # a per-token tau, not a bound
+    torch.testing.assert_close(out.tau, tau, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(out.logits, logits[..., :cfg.vocab_size] / tau.unsqueeze(-1),
+                               rtol=1e-5, atol=2e-5)

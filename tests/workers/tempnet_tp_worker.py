@@ -1,8 +1,10 @@
 """torchrun worker: the TempNet head and the DRO loss at TP=2 on the full inputs written by
 tests/parallel/test_tempnet_tp.py, plus the collective counts of our loss and of megatron-core's
-vocab-parallel cross-entropy on the same inputs, and the head's sharded state dict.
+vocab-parallel cross-entropy on the same inputs, the head's sharded state dict, and the exact
+tau* of loss_mode "dro_exact" with the DRO loss at it.
 
-``run_case`` is also what the test runs in its own process at TP=1 (tp_group None): one code.
+``run_case`` and ``run_exact`` are also what the test runs in its own process at TP=1
+(tp_group None): one code.
 """
 import sys
 from contextlib import contextmanager
@@ -13,7 +15,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: torchrun helpers
 
-from megatron_tempnet.tempnet import TempNetConfig, TempNetHead, dro_loss  # noqa: E402
+from megatron_tempnet.tempnet import TempNetConfig, TempNetHead, dro_loss, solve_tau  # noqa: E402
 
 
 @contextmanager
@@ -57,6 +59,22 @@ def run_case(case: dict, cfg: TempNetConfig, train: bool, tp_rank: int, tp_size:
                        "backward": len(backward_calls)}}
 
 
+def run_exact(case: dict, tp_rank: int, tp_size: int, group) -> dict:
+    """tau* (exact_tau.solve_tau) on this rank's vocab slice, the DRO loss at it (detached
+    tau*, loss_mode "dro_exact") and its logits-shard gradient, with the collective counts."""
+    logits = case["logits"]
+    v_local = logits.shape[-1] // tp_size
+    shard = logits[..., tp_rank * v_local:(tp_rank + 1) * v_local].clone().requires_grad_(True)
+    lo, hi = case["exact_bounds"]
+    with count_all_reduces() as solver_calls:
+        tau = solve_tau(shard, case["exact_rho"], lo, hi, group)  # [s, b]
+    loss, stats = dro_loss(shard, case["target"], tau, case["loss_mask"], case["exact_rho"],
+                           group)
+    loss.backward()
+    return {"tau": tau, "loss": loss.detach(), "stats": stats, "logits_grad": shard.grad,
+            "solver_calls": solver_calls}
+
+
 def megatron_ce(case: dict, tp_rank: int, tp_size: int, group) -> dict:
     """megatron-core's vocab-parallel CE (unfused, and fused where it runs) on the same shard."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -95,6 +113,7 @@ def main(path):
         results[name] = run_case(case, TempNetConfig(**cfg_dict), train, ctx.tp_rank,
                                  ctx.tp_size, ctx.tp_group)
     results["megatron"] = megatron_ce(case, ctx.tp_rank, ctx.tp_size, ctx.tp_group)
+    results["exact"] = run_exact(case, ctx.tp_rank, ctx.tp_size, ctx.tp_group)
     results["sharded"] = sharded_layout(case, TempNetConfig(**case["runs"][0][1]), ctx)
     results["tp_rank"] = ctx.tp_rank
     save_rank_result(results)
