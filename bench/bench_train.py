@@ -42,6 +42,7 @@ from megatron_tempnet.models.tempnet_gpt import (TEMPNET_PARAM_ATTR,  # noqa: E4
                                                  build_tempnet_model)
 from megatron_tempnet.parallel import initialize, shutdown  # noqa: E402
 from megatron_tempnet.tempnet import TempNetConfig  # noqa: E402
+from megatron_tempnet.tempnet.config import DRO_LOSS_IMPLS, LOSS_MODES  # noqa: E402
 from megatron_tempnet.training.ddp import wrap_ddp  # noqa: E402
 from megatron_tempnet.training.optim import (build_optimizer, build_scheduler,  # noqa: E402
                                              precision_dtype)
@@ -62,7 +63,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(cfg, loss_mode: str, attention: str, args, ctx) -> dict:
+def measure(cfg, loss_mode: str, attention: str, args, ctx, impl: str = "auto") -> dict:
     """Build, warm up and time one configuration; returns its row values."""
     train = TrainConfig(micro_batch_size=args.micro_batch_size,
                         global_batch_size=args.micro_batch_size, seq_length=args.seq_length,
@@ -70,7 +71,7 @@ def measure(cfg, loss_mode: str, attention: str, args, ctx) -> dict:
                         lr=1e-4, min_lr=1e-5)
     dtype = precision_dtype(args.precision)
     torch.manual_seed(0)
-    tempnet_cfg = TempNetConfig(loss_mode=loss_mode)
+    tempnet_cfg = TempNetConfig(loss_mode=loss_mode, dro_loss_impl=impl)
     model = build_tempnet_model(dataclasses.replace(cfg, attention_backend=attention), tempnet_cfg,
                                 ctx, params_dtype=dtype, use_transformer_engine=False)
     lm_params = sum(p.numel() for p in model.parameters()
@@ -100,7 +101,8 @@ def measure(cfg, loss_mode: str, attention: str, args, ctx) -> dict:
     achieved_6n = tokens_per_s * (6 * lm_params + 12 * cfg.num_layers * cfg.hidden_size
                                   * args.seq_length)
     peak = peak_flops(ctx.device, args.precision, args.peak_tflops)
-    row = {"loss mode": loss_mode, "attention": attention, "ms/step": 1000 * seconds,
+    row = {"loss mode": loss_mode, "attention": attention, "impl": impl,
+           "ms/step": 1000 * seconds,
            "tokens/s": tokens_per_s, "TFLOP/s": achieved / 1e12,
            "MFU": achieved / peak if peak else None,
            "MFU 6N": achieved_6n / peak if peak else None,
@@ -112,19 +114,20 @@ def measure(cfg, loss_mode: str, attention: str, args, ctx) -> dict:
 
 def fmt(row: dict) -> list[str]:
     if "error" in row:
-        return [row["loss mode"], row["attention"], row["error"], "", "", "", "", ""]
+        return [row["loss mode"], row["attention"], row["impl"], row["error"], "", "", "", "",
+                ""]
 
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
-    return [row["loss mode"], row["attention"], f"{row['ms/step']:.1f}",
+    return [row["loss mode"], row["attention"], row["impl"], f"{row['ms/step']:.1f}",
             f"{row['tokens/s']:,.0f}", f"{row['TFLOP/s']:.3g}", pct(row["MFU"]),
             pct(row["MFU 6N"]), "n/a" if row["peak GiB"] is None else f"{row['peak GiB']:.1f}"]
 
 
 def table(rows: list[dict]) -> str:
-    head = ["loss mode", "attention", "ms/step", "tokens/s", "TFLOP/s", "MFU", "MFU 6N",
-            "peak GiB"]
+    head = ["loss mode", "attention", "DRO impl", "ms/step", "tokens/s", "TFLOP/s", "MFU",
+            "MFU 6N", "peak GiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     lines += ["| " + " | ".join(fmt(r)) + " |" for r in rows]
     return "\n".join(lines)
@@ -140,9 +143,11 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--loss-modes", nargs="+", default=["ce", "tempnet_dro"],
-                   choices=["ce", "dro_fixed_tau", "tempnet_dro"])
+                   choices=list(LOSS_MODES))
     p.add_argument("--attention-backends", nargs="+", default=["local", "sdpa"],
                    choices=list(ATTENTION_BACKENDS))
+    p.add_argument("--dro-loss-impls", nargs="+", default=["auto"], choices=DRO_LOSS_IMPLS,
+                   help="--dro-loss-impl values to compare for the DRO loss modes")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="default: the preset's, else 32000")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -167,15 +172,21 @@ def main(argv=None) -> None:
 
     rows = []
     for loss_mode in args.loss_modes:
+        impls = ["n/a"] if loss_mode == "ce" else args.dro_loss_impls  # plain CE: megatron's
         for attention in args.attention_backends:
-            try:
-                rows.append(measure(cfg, loss_mode, attention, args, ctx))
-            except torch.OutOfMemoryError:
-                rows.append({"loss mode": loss_mode, "attention": attention, "error": "OOM"})
-            gc.collect()  # free the previous configuration before building the next
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            print(f"  done: {loss_mode} / {attention}", file=sys.stderr, flush=True)
+            for impl in impls:
+                try:
+                    rows.append(measure(cfg, loss_mode, attention, args, ctx,
+                                        "auto" if impl == "n/a" else impl))
+                    rows[-1]["impl"] = impl
+                except torch.OutOfMemoryError:
+                    rows.append({"loss mode": loss_mode, "attention": attention, "impl": impl,
+                                 "error": "OOM"})
+                gc.collect()  # free the previous configuration before building the next
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                print(f"  done: {loss_mode} / {attention} / {impl}", file=sys.stderr,
+                      flush=True)
     params = next((r["params"] for r in rows if "params" in r), 0)
     print(f"# LM parameters {params / 1e6:,.2f}M; FLOPs/token: training.flops (MFU), "
           "6N + 12*L*H*S (MFU 6N)")

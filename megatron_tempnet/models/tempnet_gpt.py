@@ -16,6 +16,12 @@ megatron-core's own code. On the last stage, per token:
        loss, the others are detached per-token values for reporting (plain CE at tau = 1,
        tempered CE, tau). ``training.step.masked_sum_loss`` reduces them with the loss mask.
 
+``--dro-loss-impl`` (TempNetConfig.dro_loss_impl) picks the implementation of step 2 (tempnet/loss.py:
+reference torch ops, or the fused Triton kernels). With "fused_linear" the second seam,
+``_postprocess``, takes over on the training path (labels given): the output projection, steps
+1-2 and the gradients run in token chunks (tempnet/fused_linear.py), so the [s, b, v/tp] logits
+never exist whole; evaluation and generation (no labels) keep megatron-core's path.
+
 loss_mode "ce" is the plain megatron-core ``GPTModel`` (its forward returns CE [b, s], which the
 same loss function reads as a one-channel output): :func:`build_tempnet_model` returns one.
 
@@ -34,6 +40,8 @@ from megatron_tempnet.models.gpt import build_model
 from megatron_tempnet.parallel.runtime import ParallelContext
 from megatron_tempnet.tempnet import TempNetConfig, TempNetHead, dro_loss_per_token, solve_tau
 from megatron_tempnet.tempnet.comm import group_rank_size
+from megatron_tempnet.tempnet.fused_linear import fused_linear_dro_loss
+from megatron_tempnet.tempnet.loss import resolve_impl
 
 # The per-token channels a TempNet/DRO model returns with labels: [b, s, len(LOSS_CHANNELS)].
 LOSS_CHANNELS = ("loss", "ce", "tempered_ce", "tau")
@@ -95,9 +103,47 @@ class TempNetGPTModel(GPTModel):
         tau = self.token_tau(logits)  # 1. tau [s, b] from the detached logits
         # 2. vocab-parallel DRO loss or tempered CE (tempnet.md 1 and 3), each [s, b]
         loss, ce, tempered_ce = dro_loss_per_token(logits, target, tau, cfg.rho, self.tp_group,
-                                                   objective=OBJECTIVES[cfg.loss_mode])
+                                                   objective=OBJECTIVES[cfg.loss_mode],
+                                                   impl=cfg.dro_loss_impl)
         # 3. [s, b, K] -> [b, s, K]; only channel 0 carries gradient
         out = torch.stack([loss, ce, tempered_ce, tau.detach().to(loss.dtype)], dim=-1)
+        return out.transpose(0, 1).contiguous()
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        """megatron-core's ``_postprocess``, except on the training path with
+        ``--dro-loss-impl fused_linear``: then :meth:`fused_linear_loss`."""
+        if (labels is None or not self.post_process or kwargs.get("mtp_in_postprocess")
+                or kwargs.get("inference_context") is not None
+                or resolve_impl(self.tempnet_config.dro_loss_impl,
+                                hidden_states.device) != "fused_linear"):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args,
+                                        **kwargs)
+        return self.fused_linear_loss(hidden_states, labels, kwargs.get("loss_mask"))
+
+    def fused_linear_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor,
+                          loss_mask: torch.Tensor | None) -> torch.Tensor:
+        """Steps 1-3 with the output projection fused: [b, s, K] from the final hidden states
+        [s, b, H], labels [b, s] and the loss mask [b, s] (the weights of the gradients formed in
+        the forward; ``training.step.forward_step`` passes it, None means all ones)."""
+        cfg = self.tempnet_config
+        from megatron.core.tensor_parallel.mappings import (
+            copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region)
+
+        if self.output_layer.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)
+        else:  # forward identity, backward all-reduce of each rank's partial d hidden
+            hidden = copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
+        weight = (self.shared_embedding_or_output_weight()
+                  if self.share_embeddings_and_output_weights else self.output_layer.weight)
+        s, b, h = hidden.shape
+        target = labels.transpose(0, 1).reshape(-1)  # [s * b], the hidden states' row order
+        mask = (torch.ones(s * b, device=hidden.device) if loss_mask is None
+                else loss_mask.transpose(0, 1).reshape(-1))
+        params = list(self.tempnet.parameters()) if self.tempnet is not None else []
+        loss, ce, tempered_ce, tau = fused_linear_dro_loss(
+            hidden.reshape(s * b, h), weight, target, mask, lambda z, _rows: self.token_tau(z),
+            cfg.rho, self.tp_group, OBJECTIVES[cfg.loss_mode], tau_params=params)
+        out = torch.stack([loss, ce, tempered_ce, tau], dim=-1).view(s, b, len(LOSS_CHANNELS))
         return out.transpose(0, 1).contiguous()
 
 

@@ -13,6 +13,7 @@ agree (same tau stats, identical replicated gradients): the head runs outside me
 tracker fork, so both TP ranks draw the same mask.
 """
 import dataclasses
+import importlib.util
 import math
 
 import pytest
@@ -38,7 +39,14 @@ LAYOUTS = {
     "llama dropout TP=2": ("tiny-llama", "tempnet_dro", 0.5, (2, 1)),
     "llama exact tau TP=2": ("tiny-llama", "dro_exact", 0.0, (2, 1)),  # the tau* solver
     "llama tempnet ce TP=2": ("tiny-llama", "tempnet_ce", 0.0, (2, 1)),  # tempered CE objective
+    "llama fused_linear TP=2": ("tiny-llama", "tempnet_dro", 0.0, (2, 1)),
+    "gpt fused_linear PP=2": ("tiny-gpt", "tempnet_dro", 0.0, (1, 2)),  # tied output weight
 }
+# layouts run with another --dro-loss-impl than the single-process reference's (Triton kernels;
+# their interpreter on a CPU): the output projection fused with TempNet and the loss
+IMPLS = {"llama fused_linear TP=2": "fused_linear", "gpt fused_linear PP=2": "fused_linear"}
+if importlib.util.find_spec("triton") is None:  # without Triton those layouts run the reference
+    IMPLS = {}
 
 
 def reference_case(single_process, preset, loss_mode, dropout, seed):
@@ -76,6 +84,7 @@ def test_tempnet_model_tp_pp_dp_match_single_process(single_process, tmp_path):
     cases, refs = {}, {}
     for name, (preset, mode, dropout, layout) in LAYOUTS.items():
         case, metrics, grads, cfg = reference_case(single_process, preset, mode, dropout, seed)
+        case["tempnet"]["dro_loss_impl"] = IMPLS.get(name, "reference")
         cases[name], refs[name] = dict(case, layout=layout), (metrics, grads, cfg)
     torch.save(cases, tmp_path / "cases.pt")
     ranks = run_torchrun("tempnet_model_worker.py", tmp_path, str(tmp_path / "cases.pt"))
