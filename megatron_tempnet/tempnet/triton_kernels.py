@@ -28,7 +28,7 @@ import triton.language as tl
 
 NUM_STATS = 6  # m_tau, S, A, m_one, S_one, z_y
 # finite "minus infinity" for the running maxima: e^(_NEG - m) = 0 and (_NEG - m) * 0 = 0, no NaN
-_NEG: tl.constexpr = tl.constexpr(-1.0e30)
+_NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
