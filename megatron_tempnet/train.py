@@ -51,11 +51,13 @@ class Trainer:
     step: object = None  # the DeepSpeed engine's step; None: the megatron-core step
 
     def train(self, callbacks=()) -> TrainState:
+        t = self.run.tempnet  # the log lines' tau histogram: every loss mode with a tau
         try:
             return train(self.model_chunks, self.optimizer, self.scheduler, self.batches,
                          self.run.train, self.ctx, state=self.state, log=log,
                          checkpointer=self.checkpointer, control=self.control,
-                         callbacks=[*self.callbacks, *callbacks], step=self.step)
+                         callbacks=[*self.callbacks, *callbacks], step=self.step,
+                         tau_range=None if t.loss_mode == "ce" else (t.tau_min, t.tau_max))
         finally:
             for callback in self.callbacks:
                 if isinstance(callback, MetricsCallback):

@@ -7,13 +7,21 @@ checks. Configuration: :class:`LoggingConfig` (the lead registers it as the ``lo
 What a training iteration logs (``MetricsLogger.log_train``; keys as the loop's metrics dict,
 tags ``train/<key>`` with spaces -> underscores): lr, lm loss (plain CE, tau = 1) and its ppl,
 dro loss, tempered ce, tau mean/min/max, grad norm, tokens/s, TFLOP/s/GPU, MFU, memory
-(training/flops.py). An evaluation (``log_eval``): ``valid/<key>`` for every scalar of
+(training/flops.py); in fp16 the loss scale and the skipped iterations of the log window; with a
+tau (every loss mode but "ce") the histogram ``train/tau`` of the per-token tau of every token
+the loss kept over the log window (every iteration since the previous log line, not only the
+logged one), in ``step.TAU_HISTOGRAM_BINS`` equal-width bins over TempNetConfig's [tau_min,
+tau_max] (values outside in the edge bins), from :func:`tau_histogram` in
+``step.masked_sum_loss``. An evaluation (``log_eval``): ``valid/<key>`` for every scalar of
 ``training.evaluate.evaluate``'s dict, and the histogram of TempNet's per-token tau over the
-validation set (``valid/tau``, fixed bins over [tau_min, tau_max]). :func:`tau_histogram` gives
-the same fixed-bin counts for a training batch when its per-token tau is at hand.
+validation set (``valid/tau``, fixed bins over [tau_min, tau_max]).
 
 JSONL: one object per call, ``{"split": "train" | "valid", "iteration": N, <key>: value, ...}``
-(non-finite floats as the strings "nan" / "inf" / "-inf", so every line is strict JSON).
+(non-finite floats as the strings "nan" / "inf" / "-inf", so every line is strict JSON). A
+train line's ``"tau histogram"`` is the list of counts (token counts, loss-mask weighted: ints
+for 0/1 masks); its bin edges, ``"tau histogram edges"`` (bins + 1 floats), are written on the
+first train line of each logger (each job appending to the file) and again only if they change.
+A valid line's ``"tau histogram"`` is ``{"edges": [...], "counts": [...]}``.
 """
 from __future__ import annotations
 
@@ -132,6 +140,7 @@ class MetricsLogger:
         self.active = is_writer_rank(ctx) if writer is None else writer
         self._tb = None
         self._jsonl = None
+        self._train_edges = None  # the tau histogram edges last written to a train JSONL line
         if not self.active:
             return
         if self.config.tensorboard_dir:
@@ -174,14 +183,22 @@ class MetricsLogger:
 
     # --- what the loop calls ---------------------------------------------------------------
     def log_train(self, iteration: int, metrics: dict) -> None:
-        """One logged training iteration: ``train/*`` scalars and a JSONL line."""
+        """One logged training iteration: ``train/*`` scalars, the ``train/tau`` histogram
+        (``metrics["tau histogram"]``: {"edges", "counts"}) and a JSONL line (counts; the edges
+        once, see the module docstring)."""
         if not self.active:
             return
         self.log_scalars(iteration, metrics, "train")
-        if "tau histogram" in metrics:
-            hist = metrics["tau histogram"]
+        record = {"split": "train", "iteration": iteration, **metrics}
+        hist = record.pop("tau histogram", None)
+        if hist:
             self.log_histogram(iteration, "train/tau", hist["counts"], hist["edges"])
-        self.write_jsonl({"split": "train", "iteration": iteration, **metrics})
+            edges = [float(e) for e in hist["edges"]]
+            record["tau histogram"] = [int(c) if float(c).is_integer() else float(c)
+                                       for c in hist["counts"]]
+            if edges != self._train_edges:
+                record["tau histogram edges"] = self._train_edges = edges
+        self.write_jsonl(record)
         self.flush()
 
     def log_eval(self, iteration: int, metrics: dict, split: str = "valid") -> None:
@@ -220,13 +237,16 @@ def train_metrics(reduced: dict, *, lr: float, grad_norm, elapsed_s: float, iter
                   peak: float | None, device) -> dict:
     """The full train metrics dict of one logged iteration from the loop's pieces.
 
-    reduced: ``step.global_metrics(...)`` as floats ("lm loss", and with the DRO loss "dro loss",
-    "tempered ce", "tau", "tau min", "tau max"); adds lr, ppl, grad norm, tokens/s, TFLOP/s/GPU,
-    MFU (with a peak), ms/iter and memory (training/flops.py).
+    reduced: the loop's logged metrics (``step.global_metrics(...)`` as floats: "lm loss", and
+    with the DRO loss "dro loss", "tempered ce", "tau", "tau min", "tau max"; in fp16 "loss
+    scale", "skipped iterations"; "tau histogram" {"edges", "counts"}, passed on as it is); adds
+    lr, ppl, grad norm, tokens/s, TFLOP/s/GPU, MFU (with a peak), ms/iter and memory
+    (training/flops.py).
     """
     from megatron_tempnet.training.flops import memory_metrics, throughput_metrics
 
-    out = {"lr": float(lr), **{k: float(v) for k, v in reduced.items()}}
+    out = {"lr": float(lr), **{k: v if isinstance(v, dict) else float(v)
+                               for k, v in reduced.items()}}
     if "lm loss" in out:
         out["ppl"] = math.exp(min(out["lm loss"], 30.0))
     if grad_norm is not None:

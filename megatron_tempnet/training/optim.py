@@ -27,7 +27,15 @@ from megatron_tempnet.models.tempnet_gpt import TEMPNET_PARAM_ATTR
 def build_optimizer(model_chunks: list, train: TrainConfig, *, use_distributed_optimizer: bool,
                     tempnet_cfg=None):
     """megatron-core optimizer over the trainable parameters; ``tempnet_cfg`` (a TempNetConfig)
-    gives TempNet's parameters their own group (ignored when the model has none)."""
+    gives TempNet's parameters their own group (ignored when the model has none).
+
+    fp16 (``--precision fp16``): megatron-core's dynamic loss scaler (initial scale 2^16,
+    hysteresis 2, window 1000). The optimizer unscales the gradients by its scale, so the model
+    chunks' config gets ``grad_scale_func = optimizer.scale_loss`` (what Megatron-LM's train()
+    sets): the schedules multiply each micro-batch's loss by the scale before backward. A step
+    with non-finite scaled gradients is skipped (``step()`` returns update False, no grad norm);
+    the scale halves at every such step once ``hysteresis`` of them were seen since it last
+    grew (the 1st overflow keeps 2^16, the 2nd halves it, and so on)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = OptimizerConfig(
@@ -38,7 +46,11 @@ def build_optimizer(model_chunks: list, train: TrainConfig, *, use_distributed_o
         use_distributed_optimizer=use_distributed_optimizer,
         loss_scale=None, initial_loss_scale=2.0**16)
     overrides = None if tempnet_cfg is None else param_group_overrides(train, tempnet_cfg)
-    return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
+    optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
+    if config.fp16:
+        for chunk in model_chunks:
+            chunk.config.grad_scale_func = optimizer.scale_loss
+    return optimizer
 
 
 def is_tempnet_param(param) -> bool:

@@ -13,19 +13,28 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from megatron_tempnet.training.metrics_log import tau_histogram
 
 # Reports of one micro-batch (last stage): name -> [sum, token count], except the masked
-# extremes, name -> [value] reduced with min / max (over micro-batches and data-parallel ranks).
+# extremes, name -> [value] reduced with min / max (over micro-batches and data-parallel ranks),
+# and the counts, name -> [bins] summed as they are (the tau histogram).
 # "lm loss" is always the plain CE (tau = 1), so that it stays comparable across loss modes.
 REPORT_EXTREMES = {"tau min": "min", "tau max": "max"}
+TAU_HISTOGRAM = "tau histogram"
+TAU_HISTOGRAM_BINS = 32  # equal-width bins over [tau_min, tau_max]; outliers in the edge bins
+REPORT_COUNTS = (TAU_HISTOGRAM,)
 
 
-def masked_sum_loss(loss_mask: torch.Tensor, output: torch.Tensor):
+def masked_sum_loss(loss_mask: torch.Tensor, output: torch.Tensor,
+                    tau_range: tuple[float, float] | None = None):
     """megatron-core loss_func contract: (loss sum, token count, values to report).
 
     ``output`` is the model's per-token output: [b, s] (plain GPTModel: CE) or [b, s, K] with
     the channels of ``models.tempnet_gpt.LOSS_CHANNELS`` (loss, ce, tempered_ce, tau; only
     channel 0 carries gradient). loss_mask [b, s]: a 0 drops the token from every sum.
+    ``tau_range`` (TempNetConfig's (tau_min, tau_max); None: none) adds "tau histogram": the
+    loss-mask weighted counts [TAU_HISTOGRAM_BINS] (float64) of tau over those bounds, which sum
+    to the token count (device ops only: no host sync).
     """
     mask = loss_mask.reshape(-1).float()  # [t]
     per_token = output.reshape(mask.numel(), -1).float()  # [t, K]
@@ -45,35 +54,41 @@ def masked_sum_loss(loss_mask: torch.Tensor, output: torch.Tensor):
                "tempered ce": pair(sums[2]), "tau": pair(sums[3]),
                "tau min": torch.where(kept, tau, torch.full_like(tau, math.inf)).amin(0, True),
                "tau max": torch.where(kept, tau, torch.full_like(tau, -math.inf)).amax(0, True)}
+    if tau_range is not None:
+        reports[TAU_HISTOGRAM] = tau_histogram(tau, mask, *tau_range, bins=TAU_HISTOGRAM_BINS)
     return sums[0], num_tokens, reports
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, *, tau_range: tuple[float, float] | None = None):
     """megatron-core forward_step_func: the model returns per-token losses [b, s] or [b, s, K].
 
     The loss mask goes to the model too: ``--dro-loss-impl fused_linear`` forms its gradients in
-    the forward for the loss-mask weighted sum that ``masked_sum_loss`` takes."""
+    the forward for the loss-mask weighted sum that ``masked_sum_loss`` takes. ``tau_range``:
+    see ``masked_sum_loss``."""
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                    loss_mask=batch["loss_mask"])
-    return output, partial(masked_sum_loss, batch["loss_mask"])
+    return output, partial(masked_sum_loss, batch["loss_mask"], tau_range=tau_range)
 
 
 def forward_backward(model_chunks: list, data_iterator, *, num_microbatches: int,
-                     seq_length: int, micro_batch_size: int, forward_only: bool = False):
-    """Run the pipeline schedule; returns the last stage's per-micro-batch reports."""
+                     seq_length: int, micro_batch_size: int, forward_only: bool = False,
+                     tau_range: tuple[float, float] | None = None):
+    """Run the pipeline schedule; returns the last stage's per-micro-batch reports (with the
+    tau histogram over ``tau_range`` when set, see ``masked_sum_loss``)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     schedule = get_forward_backward_func()
-    return schedule(forward_step_func=forward_step, data_iterator=data_iterator,
+    return schedule(forward_step_func=partial(forward_step, tau_range=tau_range),
+                    data_iterator=data_iterator,
                     model=model_chunks, num_microbatches=num_microbatches,
                     seq_length=seq_length, micro_batch_size=micro_batch_size,
                     forward_only=forward_only)
 
 
 def reduce_reports(reports: list, key: str = "lm loss") -> torch.Tensor:
-    """One report summed over micro-batches (of this data-parallel rank): [sum, count], or
-    [min] / [max] for the keys of ``REPORT_EXTREMES``."""
+    """One report summed over micro-batches (of this data-parallel rank): [sum, count], [min] /
+    [max] for the keys of ``REPORT_EXTREMES``, or the summed counts of ``REPORT_COUNTS``."""
     if not reports:
         return torch.zeros(2)
     stacked = torch.stack([r[key] for r in reports])
@@ -81,16 +96,37 @@ def reduce_reports(reports: list, key: str = "lm loss") -> torch.Tensor:
     return stacked.amin(0) if op == "min" else stacked.amax(0) if op == "max" else stacked.sum(0)
 
 
-def global_metrics(reports: list, dp_group) -> dict:
-    """Token-weighted means (and tau min/max) over the global batch, from the last stage's
-    micro-batch reports; reduced over ``dp_group`` (None: this process only)."""
+def global_metrics(reports: list, dp_group, window: dict | None = None) -> dict:
+    """Token-weighted means (and tau min/max, and the tau histogram's counts [bins]) over the
+    global batch, from the last stage's micro-batch reports; reduced over ``dp_group`` (None:
+    this process only) in two all-reduces whatever the keys: one SUM of every sum and count
+    packed into one float64 vector, one MAX of the extremes (the minima negated).
+
+    ``window``: name -> this rank's sums over more than this iteration (the loop's tau histogram
+    over its log window); they replace the reports' own and ride in the same SUM.
+    """
+    local = {key: reduce_reports(reports, key) for key in (reports[0] if reports else
+                                                           ["lm loss"])}
+    local.update(window or {})
+    if dp_group is not None:
+        _all_reduce_packed(local, [k for k in local if k not in REPORT_EXTREMES],
+                           dist.ReduceOp.SUM, dp_group)
+        _all_reduce_packed(local, [k for k in local if k in REPORT_EXTREMES],
+                           dist.ReduceOp.MAX, dp_group)
     metrics = {}
-    for key in reports[0] if reports else ["lm loss"]:
-        value = reduce_reports(reports, key)
-        op = REPORT_EXTREMES.get(key)
-        if dp_group is not None:
-            dist.all_reduce(value, op=dist.ReduceOp.MIN if op == "min" else
-                            dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
-                            group=dp_group)
-        metrics[key] = value[0] if op else value[0] / value[1].clamp(min=1)
+    for key, value in local.items():
+        metrics[key] = (value[0] if key in REPORT_EXTREMES else value if key in REPORT_COUNTS
+                        else value[0] / value[1].clamp(min=1))
     return metrics
+
+
+def _all_reduce_packed(values: dict, keys: list, op, group) -> None:
+    """All-reduce ``values[k]`` for every k in ``keys`` as ONE float64 vector, in place (each
+    keeps its dtype and shape); MAX serves the minima of ``REPORT_EXTREMES`` too (negated)."""
+    if not keys:
+        return
+    signs = [-1.0 if REPORT_EXTREMES.get(k) == "min" else 1.0 for k in keys]
+    flat = torch.cat([s * values[k].double().reshape(-1) for s, k in zip(signs, keys)])
+    dist.all_reduce(flat, op=op, group=group)
+    for s, k, part in zip(signs, keys, flat.split([values[k].numel() for k in keys])):
+        values[k] = (s * part).to(values[k].dtype).reshape(values[k].shape)

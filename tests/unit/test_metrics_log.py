@@ -1,5 +1,6 @@
 """Metrics sinks (training/metrics_log.py): JSONL contents, TensorBoard event file (read back
-with tensorboard's EventAccumulator), writer rank, console line, callbacks."""
+with tensorboard's EventAccumulator), writer rank, console line, callbacks; the training tau
+histogram's report (training/step.py) and its sinks."""
 import json
 import math
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from megatron_tempnet.config import ConfigError
 from megatron_tempnet.training.metrics_log import (LoggingConfig, MetricsCallback, MetricsLogger,
                                                    format_train_line, is_writer_rank,
                                                    tau_histogram, train_metrics)
+from megatron_tempnet.training.step import (TAU_HISTOGRAM, TAU_HISTOGRAM_BINS, global_metrics,
+                                            masked_sum_loss)
 
 
 def ctx_at(pp_rank=0, pp_size=1, tp_rank=0, dp_rank=0):
@@ -121,3 +124,62 @@ def test_metrics_callback_logs_on_interval(tmp_path):
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["iteration"] for r in lines] == [2, 4, 5]
     assert lines[0]["lm loss"] == 2.0 and "MFU" not in lines[0] and lines[0]["tokens/s"] > 0
+
+
+def test_masked_sum_loss_tau_histogram_report():
+    """The histogram rides with the sums: counts over the kept tokens (loss-mask weighted),
+    outliers in the edge bins, summed over micro-batches; no histogram without a tau or a range;
+    global_metrics' window replaces the reports' own counts."""
+    gen = torch.Generator().manual_seed(0)
+    tau = torch.rand(2, 8, generator=gen) * 4.0 + 0.5  # inside [0.5, 4.5]
+    tau[0, 0], tau[0, 1], tau[1, 7] = 0.1, 9.0, 4.5  # below, above, on the upper bound
+    output = torch.cat([torch.rand(2, 8, 3, generator=gen), tau.unsqueeze(-1)], -1)
+    mask = torch.ones(2, 8)
+    mask[1, :3] = 0.0  # 13 kept tokens
+    loss, count, reports = masked_sum_loss(mask, output, tau_range=(0.5, 4.5))
+    counts = reports[TAU_HISTOGRAM]
+    assert counts.shape == (TAU_HISTOGRAM_BINS,) and counts.dtype == torch.float64
+    assert counts.sum() == count == 13
+    kept = tau[mask != 0]
+    expected = torch.histc(kept.clamp(0.5, 4.5 - 1e-6).double(), TAU_HISTOGRAM_BINS, 0.5, 4.5)
+    assert torch.equal(counts, expected)
+    assert counts[0] >= 1 and counts[-1] >= 2  # 0.1 in the first bin; 9.0 and 4.5 in the last
+    assert TAU_HISTOGRAM not in masked_sum_loss(mask, output)[2]  # no range: none
+    assert TAU_HISTOGRAM not in masked_sum_loss(mask, output[..., 0], tau_range=(0.5, 4.5))[2]
+
+    _, _, second = masked_sum_loss(torch.ones(2, 8), output, tau_range=(0.5, 4.5))
+    metrics = global_metrics([reports, second], None)
+    assert metrics[TAU_HISTOGRAM].sum() == 13 + 16 and torch.equal(
+        metrics[TAU_HISTOGRAM], counts + second[TAU_HISTOGRAM])
+    assert metrics["tau"] == pytest.approx(float((kept.sum() + tau.sum()) / 29), rel=1e-6)
+    window = {TAU_HISTOGRAM: 3 * counts}  # the loop's sum over a log window
+    assert torch.equal(global_metrics([reports], None, window)[TAU_HISTOGRAM], 3 * counts)
+
+
+def test_train_tau_histogram_sinks(tmp_path):
+    """log_train: TensorBoard histogram train/tau per call; JSONL counts on every line, the
+    edges on the first one only (and again when they change)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    edges = torch.linspace(0.5, 4.5, 5).tolist()
+    hists = [{"edges": edges, "counts": [0.0, 3.0, 5.0, 0.0]},
+             {"edges": edges, "counts": [1.0, 1.0, 1.0, 1.5]},
+             {"edges": [0.0, 1.0, 2.0], "counts": [2.0, 2.0]}]
+    cfg = LoggingConfig(tensorboard_dir=str(tmp_path / "tb"),
+                        metrics_jsonl=str(tmp_path / "m.jsonl"))
+    with MetricsLogger(cfg, ctx_at()) as logger:
+        for it, hist in zip((4, 8, 12), hists):
+            logger.log_train(it, {**train_dict(), "tau histogram": hist})
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["tau histogram"] for r in lines] == [[0, 3, 5, 0], [1, 1, 1, 1.5], [2, 2]]
+    assert lines[0]["tau histogram edges"] == edges and "tau histogram edges" not in lines[1]
+    assert lines[2]["tau histogram edges"] == [0.0, 1.0, 2.0]
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0}).Reload()
+    got = acc.Histograms("train/tau")
+    assert [h.step for h in got] == [4, 8, 12]
+    first = got[0].histogram_value
+    assert first.num == 8.0 and list(first.bucket) == [0.0, 3.0, 5.0, 0.0]
+    assert list(first.bucket_limit) == pytest.approx(edges[1:])
+    assert first.min == pytest.approx(1.5) and first.max == pytest.approx(3.5)  # non-empty bins
+    assert "train/tau_histogram" not in acc.Tags()["scalars"]

@@ -4,8 +4,11 @@
 - TempNet's parameter group: constant lr while the LM's warms up and decays (or, with
   lr_schedule "lm", the LM's schedule scaled to TempNet's peak), its own weight decay;
 - a tiny LLaMA + TempNet learns a noisy repeating token stream: the DRO loss and the tempered CE
-  fall, tau stays within its bounds, nothing is NaN.
+  fall, tau stays within its bounds, nothing is NaN;
+- the training tau histogram: each log line's counts cover every token the loss kept over its
+  log window, and reach TensorBoard (read back) and the JSONL file through the metrics sinks.
 """
+import json
 import math
 
 import pytest
@@ -16,7 +19,9 @@ from megatron_tempnet.models.tempnet_gpt import TEMPNET_PARAM_ATTR, build_tempne
 from megatron_tempnet.tempnet import TempNetConfig
 from megatron_tempnet.training.ddp import wrap_ddp
 from megatron_tempnet.training.loop import train
+from megatron_tempnet.training.metrics_log import LoggingConfig, MetricsCallback, MetricsLogger
 from megatron_tempnet.training.optim import build_optimizer, build_scheduler
+from megatron_tempnet.training.step import TAU_HISTOGRAM_BINS
 
 VOCAB = 256
 
@@ -132,3 +137,48 @@ def test_tiny_llama_with_tempnet_learns(single_process):
     assert last["dro loss"] < first["dro loss"] - 1.0, (first, last)  # ~7.3 -> ~4.1
     assert last["tempered ce"] < first["tempered ce"] - 0.5, (first, last)  # ~5.4 -> ~4.3
     assert last["lm loss"] < first["lm loss"] - 1.0, (first, last)  # plain CE: ~5.0 -> ~2.4
+
+
+def test_training_tau_histogram_covers_the_log_window(single_process, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tcfg = TempNetConfig(loss_mode="tempnet_dro", hidden_size=32, lr=1e-3, tau_min=0.5,
+                         tau_max=3.0)
+    tr = TrainConfig(micro_batch_size=2, global_batch_size=4, seq_length=16, train_iters=7,
+                     lr=1e-3, lr_warmup_iters=1, log_interval=3)
+    _, chunks, optimizer, scheduler = setup(single_process, tcfg, tr)
+    kept = []  # tokens the loss keeps, per micro-batch (2 per iteration)
+
+    def masked(stream, gen=torch.Generator().manual_seed(3)):
+        for batch in stream:
+            batch["loss_mask"] = (torch.rand(2, 16, generator=gen) > 0.3).float()
+            kept.append(int(batch["loss_mask"].sum()))
+            yield batch
+
+    logging = LoggingConfig(tensorboard_dir=str(tmp_path / "tb"),
+                            metrics_jsonl=str(tmp_path / "metrics.jsonl"))
+    with MetricsLogger(logging, single_process) as logger:
+        sink = MetricsCallback(logger, tr, single_process, flops_per_token=1e6, peak=None)
+        state = train(chunks, optimizer, scheduler, masked(noisy_cycle_batches(2, 16)), tr,
+                      single_process, log=lambda line: None, callbacks=[sink],
+                      tau_range=(tcfg.tau_min, tcfg.tau_max))
+    per_iter = [a + b for a, b in zip(kept[::2], kept[1::2])]
+    windows = {3: sum(per_iter[:3]), 6: sum(per_iter[3:6]), 7: per_iter[6]}
+    edges = torch.linspace(0.5, 3.0, TAU_HISTOGRAM_BINS + 1, dtype=torch.float64).tolist()
+    assert [i for i, _ in state.metrics] == [3, 6, 7] and len(set(per_iter)) > 1
+    for iteration, m in state.metrics:
+        hist = m["tau histogram"]
+        assert hist["edges"] == edges and len(hist["counts"]) == TAU_HISTOGRAM_BINS
+        assert sum(hist["counts"]) == windows[iteration], (iteration, hist, windows)
+        filled = [i for i, c in enumerate(hist["counts"]) if c]  # the logged batch's tau inside
+        assert edges[filled[0]] <= m["tau min"] <= m["tau max"] <= edges[filled[-1] + 1]
+
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0}).Reload()
+    got = acc.Histograms("train/tau")
+    assert [(h.step, h.histogram_value.num) for h in got] == sorted(windows.items())
+    assert list(got[0].histogram_value.bucket) == state.metrics[0][1]["tau histogram"]["counts"]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [sum(r["tau histogram"]) for r in lines] == [windows[i] for i in (3, 6, 7)]
+    assert lines[0]["tau histogram edges"] == edges
+    assert all("tau histogram edges" not in r for r in lines[1:])
