@@ -51,13 +51,12 @@ class Trainer:
     step: object = None  # the DeepSpeed engine's step; None: the megatron-core step
 
     def train(self, callbacks=()) -> TrainState:
-        t = self.run.tempnet  # the log lines' tau histogram: every loss mode with a tau
         try:
             return train(self.model_chunks, self.optimizer, self.scheduler, self.batches,
                          self.run.train, self.ctx, state=self.state, log=log,
                          checkpointer=self.checkpointer, control=self.control,
                          callbacks=[*self.callbacks, *callbacks], step=self.step,
-                         tau_range=None if t.loss_mode == "ce" else (t.tau_min, t.tau_max))
+                         tau_range=self.run.tempnet.tau_range)
         finally:
             for callback in self.callbacks:
                 if isinstance(callback, MetricsCallback):
@@ -139,7 +138,8 @@ def _deepspeed(run: RunConfig, model, ctx: ParallelContext):
                                          run_record(run.model, run.tempnet, run.train, ctx),
                                          log=log)
     return ([engine.module], engine.optimizer, scheduler,
-            partial(deepspeed_train_step, engine, scheduler), checkpointer)
+            partial(deepspeed_train_step, engine, scheduler, tau_range=run.tempnet.tau_range),
+            checkpointer)
 
 
 def main(argv=None) -> int:

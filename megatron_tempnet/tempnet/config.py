@@ -133,6 +133,12 @@ class TempNetConfig:
         return self
 
     @property
+    def tau_range(self) -> tuple[float, float] | None:
+        """(tau_min, tau_max), the range of the model's per-token tau (the tau histograms' bins);
+        None for loss_mode "ce", which has no tau."""
+        return None if self.loss_mode == "ce" else (self.tau_min, self.tau_max)
+
+    @property
     def uses_tempnet(self) -> bool:
         """Whether the model carries a TempNet head (``TEMPNET_LOSS_MODES``)."""
         return self.loss_mode in TEMPNET_LOSS_MODES

@@ -281,7 +281,8 @@ def build_deepspeed_engine(model: torch.nn.Module, train: TrainConfig, ctx: Para
     return engine, scheduler
 
 
-def deepspeed_train_step(engine, scheduler, batches, num_microbatches: int):
+def deepspeed_train_step(engine, scheduler, batches, num_microbatches: int,
+                         tau_range: tuple[float, float] | None = None):
     """One optimizer step (and lr step) over ``num_microbatches`` micro-batches of this DP rank.
 
     Same objective as the megatron-core path: sum of per-token losses over the global batch
@@ -294,7 +295,9 @@ def deepspeed_train_step(engine, scheduler, batches, num_microbatches: int):
 
     Returns a ``training.loop.StepOutput`` like the megatron-core step: the per-micro-batch
     reports (reduce them with ``training.step.global_metrics``), the grad norm, whether the
-    update happened (fp16 loss scaling may skip it) and the LM's lr after the scheduler step.
+    update happened (fp16 loss scaling may skip it; the lr schedule then waits, as on the
+    megatron-core path) and the LM's lr after the scheduler step. ``tau_range``: the tau
+    histogram's bins (``step.masked_sum_loss``).
     """
     from megatron_tempnet.training.loop import StepOutput
 
@@ -315,15 +318,17 @@ def deepspeed_train_step(engine, scheduler, batches, num_microbatches: int):
     reports, skipped = [], engine.skipped_steps
     for batch in micro:
         batch = {k: v.to(device) for k, v in batch.items()}
-        output = engine(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        loss_sum, _, report = masked_sum_loss(batch["loss_mask"], output)
+        output = engine(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                        loss_mask=batch["loss_mask"])
+        loss_sum, _, report = masked_sum_loss(batch["loss_mask"], output, tau_range=tau_range)
         engine.backward(loss_sum * scale, scale_wrt_gas=False)
         engine.step()  # updates at the accumulation boundary (the last micro-batch) only
         reports.append(report)
-    scheduler.step(increment=1)
+    updated = engine.skipped_steps == skipped
+    if updated:
+        scheduler.step(increment=1)
     grad_norm = engine.get_global_grad_norm()
-    return StepOutput(reports, None if grad_norm is None else float(grad_norm),
-                      engine.skipped_steps == skipped,
+    return StepOutput(reports, None if grad_norm is None else float(grad_norm), updated,
                       scheduler.get_lr(scheduler.optimizer.param_groups[0]))
 
 
