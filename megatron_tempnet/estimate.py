@@ -232,10 +232,13 @@ def activation_bytes(cfg: ModelConfig, layout: Layout, tempnet=None,
     backward. With a frozen LM nothing upstream of TempNet needs a gradient, so the LM keeps no
     activations (one layer's forward working set at a time). The last stage adds the output
     layer's and final norm's inputs and the loss (``loss_and_tempnet``): CE keeps the fp32
-    softmax [s, b, V/t] (megatron-core's vocab-parallel CE); the DRO loss keeps p_tau
-    [s, b, V/t] fp32 (not when the LM is frozen); TempNet keeps an fp32 copy of the logits
-    [s, b, V/t] for W1's gradient and ~8 [s, b, M] fp32 tensors; the loss forward also holds the
-    logits, z in fp32 and z/tau at its peak.
+    softmax [s, b, V/t] (megatron-core's vocab-parallel CE). The DRO loss depends on
+    ``--dro-loss-impl`` ("auto" counts as "fused", what a GPU runs): "reference" keeps p_tau
+    [s, b, V/t] fp32 (not when the LM is frozen) and holds the logits, z in fp32 and z/tau at its
+    forward peak; "fused" keeps only the logits (no copy) and adds their gradient in the
+    backward; "fused_linear" never holds more than one [chunk, V/t] logits chunk (Liger's chunk
+    rule) plus the output weight's gradient. TempNet keeps the logits themselves for W1's
+    gradient (not a copy; its fp32 work is chunked) and ~8 [s, b, M] fp32 tensors.
     """
     s, b, h, t = layout.seq_length, layout.micro_batch_size, cfg.hidden_size, layout.tp
     e = PARAM_BYTES[layout.precision] / 2
@@ -252,12 +255,28 @@ def activation_bytes(cfg: ModelConfig, layout: Layout, tempnet=None,
         stored, working = layers * per_layer, 0.0
     in_flight_first = min(layout.pp, layout.num_microbatches)
 
-    logits = s * b * cfg.padded_vocab_size(t) // t  # elements of one [s, b, V/t] tensor
+    vocab_local = cfg.padded_vocab_size(t) // t
+    logits = s * b * vocab_local  # elements of one [s, b, V/t] tensor
     loss_mode = "ce" if tempnet is None else tempnet.loss_mode
-    loss_saved = 0 if frozen else 4 * logits  # fp32 softmax (CE) or p_tau (DRO)
-    tempnet_saved = 4 * logits + 4 * 8 * s * b * tempnet.hidden_size if uses_tempnet else 0
-    transient = (2 * e + 4 + (4 if loss_mode != "ce" else 0)) * logits
-    loss_and_tempnet = (0 if frozen else 2 * hidden) + loss_saved + tempnet_saved + transient
+    impl = "ce" if loss_mode == "ce" else tempnet.dro_loss_impl.replace("auto", "fused")
+    if impl == "fused_linear":
+        from megatron_tempnet.tempnet.fused_linear import default_chunk_tokens
+
+        chunk = min(s * b, default_chunk_tokens(s * b, vocab_local, h))
+        logits_kept = 0  # the logits exist one chunk at a time
+        loss_saved = 0 if frozen else e * 2 * vocab_local * h  # d W, formed in the forward
+        transient = (2 * e + 4 * (1 if uses_tempnet else 0)) * chunk * vocab_local
+    elif impl == "fused":
+        logits_kept = 2 * e * logits  # saved by the loss (and TempNet): the tensor, no copy
+        loss_saved = 0
+        transient = (0 if frozen else 2 * e) * logits  # their gradient, in the backward
+    else:  # "ce" (megatron-core's fp32 softmax) or "reference" (fp32 p_tau)
+        logits_kept = 2 * e * logits if uses_tempnet else 0  # TempNet's W1 gradient needs them
+        loss_saved = 0 if frozen else 4 * logits
+        transient = (2 * e + 4 + (4 if loss_mode != "ce" else 0)) * logits
+    tempnet_saved = 4 * 8 * s * b * tempnet.hidden_size if uses_tempnet else 0
+    loss_and_tempnet = ((0 if frozen else 2 * hidden) + logits_kept + loss_saved + tempnet_saved
+                        + transient)
     return {"per_layer": per_layer, "first_stage": in_flight_first * stored + working,
             "last_stage": stored + working, "in_flight_first": in_flight_first,
             "loss_and_tempnet": loss_and_tempnet}
@@ -349,6 +368,8 @@ def explain(cfg: ModelConfig, layout: Layout, tempnet=None, name: str = "run",
     fl = flops_per_step(cfg, layout, tempnet)
     per = state_bytes_per_param(layout.precision, layout.dp, layout.distributed_optimizer)
     lay = layout
+    loss_impl = ("megatron-core's CE" if tempnet is None or tempnet.loss_mode == "ce"
+                 else f"--dro-loss-impl {tempnet.dro_loss_impl}")
     lines = [
         f"## {name}",
         f"layout: TP={lay.tp} PP={lay.pp} DP={lay.dp} ({lay.world_size} GPUs), micro-batch "
@@ -375,8 +396,8 @@ def explain(cfg: ModelConfig, layout: Layout, tempnet=None, name: str = "run",
            f"margin, {cfg.num_layers // lay.pp} layers"
            + (f" x {acts['in_flight_first']} micro-batches in flight"
               if mem.stage == "first" else "")) + ")",
-        f"  loss+TempNet{gib(mem.loss_and_tempnet):>10}  (logits/softmax/TempNet input, "
-        f"[s, b, V/t] fp32 tensors)",
+        f"  loss+TempNet{gib(mem.loss_and_tempnet):>10}  (logits and loss tensors [s, b, V/t] "
+        f"for {loss_impl}, TempNet)",
         f"  reserve     {gib(mem.reserve):>10}  (CUDA context, NCCL buffers, fragmentation)",
         f"  total       {gib(mem.total):>10}  of {gib(mem.capacity)}: "
         + ("FITS" if mem.fits else "DOES NOT FIT")
