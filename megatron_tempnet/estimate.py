@@ -258,14 +258,15 @@ def activation_bytes(cfg: ModelConfig, layout: Layout, tempnet=None,
     vocab_local = cfg.padded_vocab_size(t) // t
     logits = s * b * vocab_local  # elements of one [s, b, V/t] tensor
     loss_mode = "ce" if tempnet is None else tempnet.loss_mode
-    impl = "ce" if loss_mode == "ce" else tempnet.dro_loss_impl.replace("auto", "fused")
+    impl = "ce" if loss_mode == "ce" else tempnet.dro_loss_impl
+    impl = "fused" if impl == "auto" else impl  # what a GPU runs
     if impl == "fused_linear":
         from megatron_tempnet.tempnet.fused_linear import default_chunk_tokens
 
         chunk = min(s * b, default_chunk_tokens(s * b, vocab_local, h))
         logits_kept = 0  # the logits exist one chunk at a time
         loss_saved = 0 if frozen else e * 2 * vocab_local * h  # d W, formed in the forward
-        transient = (2 * e + 4 * (1 if uses_tempnet else 0)) * chunk * vocab_local
+        transient = (2 * e + (4 if uses_tempnet else 0)) * chunk * vocab_local
     elif impl == "fused":
         logits_kept = 2 * e * logits  # saved by the loss (and TempNet): the tensor, no copy
         loss_saved = 0

@@ -16,17 +16,33 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
     config.addinivalue_line("markers", "parallel: launches torchrun with 2 processes")
     config.addinivalue_line("markers", "slow: longer end-to-end test")
+    config.addinivalue_line("markers", "triton: needs Triton (the [dev] extra installs it)")
 
 
 def pytest_collection_modifyitems(config, items):
+    import importlib.util
+
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs CUDA")
+    if importlib.util.find_spec("triton") is None:
+        skips["triton"] = pytest.mark.skip(reason="needs triton (the [dev] extra installs it)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def seed():
+    """A fresh random seed per test, printed; TEMPNET_TEST_SEED=<value> replays a failure."""
+    import random
+
+    value = int(os.environ.get("TEMPNET_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    print(f"TEMPNET_TEST_SEED={value}")
+    return value
 
 
 @pytest.fixture(scope="session")

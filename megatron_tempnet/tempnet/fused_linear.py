@@ -28,8 +28,7 @@ from __future__ import annotations
 import torch
 
 from megatron_tempnet.tempnet.comm import group_rank_size
-from megatron_tempnet.tempnet.loss import fused_row_results, resolve_impl
-from megatron_tempnet.tempnet.reference import OBJECTIVES
+from megatron_tempnet.tempnet.loss import check_objective, fused_row_results, resolve_impl
 
 
 def default_chunk_tokens(tokens: int, vocab_local: int, hidden: int) -> int:
@@ -44,6 +43,8 @@ class _FusedLinearDRO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, token_weight, rho, tp_group, objective, chunk,
                 tau_fn, *tau_params):
+        from megatron_tempnet.tempnet import triton_kernels  # Triton stays an optional import
+
         rank, _ = group_rank_size(tp_group)
         tokens = hidden.shape[0]
         start = rank * weight.shape[0]
@@ -69,8 +70,6 @@ class _FusedLinearDRO(torch.autograd.Function):
                     if g is not None:
                         acc += g
             if need_hidden or need_weight:
-                from megatron_tempnet.tempnet import triton_kernels
-
                 g = triton_kernels.write_grad(logits, logits, tau.detach(), y, m_tau, log_sum,
                                               w * grad_scale, start)  # in place
                 if need_hidden:
@@ -78,7 +77,6 @@ class _FusedLinearDRO(torch.autograd.Function):
                 if need_weight:
                     grad_weight.addmm_(g.t(), h)
             out[:, rows] = torch.stack([loss, ce, tempered, tau.detach().to(torch.float32)])
-        ctx.n_params = len(tau_params)
         ctx.param_needs = list(ctx.needs_input_grad[9:])
         ctx.param_dtypes = [p.dtype for p in trained]
         ctx.save_for_backward(token_weight, grad_hidden, grad_weight, *grad_params)
@@ -90,7 +88,7 @@ class _FusedLinearDRO(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_ce, _grad_tempered, _grad_tau):
         token_weight, grad_hidden, grad_weight, *grad_params = ctx.saved_tensors
         scale = _common_scale(grad_loss, token_weight)
-        grads = [None] * (9 + ctx.n_params)
+        grads = [None] * (9 + len(ctx.param_needs))
         if grad_hidden is not None:
             grads[0] = grad_hidden.mul_(scale.to(grad_hidden.dtype))
         if grad_weight is not None:
@@ -137,8 +135,7 @@ def fused_linear_dro_loss(hidden: torch.Tensor, weight: torch.Tensor, target: to
     if tuple(target.shape) != hidden.shape[:1] or tuple(token_weight.shape) != hidden.shape[:1]:
         raise ValueError(f"fused_linear DRO loss: target {tuple(target.shape)} and token_weight "
                          f"{tuple(token_weight.shape)} must be [{hidden.shape[0]}]")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"DRO loss: unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    check_objective(objective)
     if hidden.dtype == torch.float64:
         raise ValueError("fused_linear DRO loss computes in fp32; fp64 needs "
                          "--dro-loss-impl reference")

@@ -41,6 +41,12 @@ from megatron_tempnet.tempnet.reference import OBJECTIVES, compute_dtype, reduce
 IMPLS = ("reference", "fused", "fused_linear")  # tempnet.config.DRO_LOSS_IMPLS adds "auto"
 
 
+def check_objective(objective: str) -> None:
+    """Raise ValueError unless ``objective`` is one of ``OBJECTIVES``."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"DRO loss: unknown objective {objective!r}; choose one of {OBJECTIVES}")
+
+
 def row_results(m_tau, sum_exp_tau, weighted, z_y, m_one, sum_exp_one, tau, rho: float,
                 log_vocab: float, objective: str):
     """Per-row results from the TP-reduced row statistics, each [t] (tempnet.md 1).
@@ -67,11 +73,11 @@ def row_results(m_tau, sum_exp_tau, weighted, z_y, m_one, sum_exp_one, tau, rho:
         grad_tau = rho - log_vocab + log_sum - mean_shift  # rho - log V + H(p_tau)
         grad_scale = torch.ones_like(tau)
     elif objective == "tempered_ce":
-        loss = tempered_ce
+        loss = tempered_ce.clone()  # its own tensor: the Functions mark tempered_ce detached
         grad_tau = (z_y / tau - m_tau - mean_shift) / tau
         grad_scale = 1.0 / tau
     else:
-        raise ValueError(f"DRO loss: unknown objective {objective!r}; choose one of {OBJECTIVES}")
+        check_objective(objective)
     return loss, ce, tempered_ce, grad_tau, grad_scale
 
 
@@ -121,8 +127,6 @@ class _VocabParallelDRO(torch.autograd.Function):
             ctx.save_for_backward(probs, owned, local_target, grad_tau, grad_scale)
         else:
             ctx.save_for_backward(None, None, None, grad_tau, None)
-        if tempered_ce is loss:  # objective "tempered_ce": the logged copy must stay detached
-            tempered_ce = loss.detach().clone()
         ctx.mark_non_differentiable(ce, tempered_ce)
         return loss, ce, tempered_ce
 
@@ -192,8 +196,6 @@ class _FusedDRO(torch.autograd.Function):
     def forward(ctx, logits, target, tau, rho, tp_group, objective):
         loss, ce, tempered_ce, grad_tau, grad_scale, m_tau, log_sum = fused_row_results(
             logits, target, tau, rho, tp_group, objective)
-        if tempered_ce is loss:
-            tempered_ce = loss.detach().clone()
         ctx.tp_group, ctx.tau_dtype = tp_group, tau.dtype
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(logits, target, tau, m_tau, log_sum, grad_tau, grad_scale)
@@ -272,8 +274,7 @@ def dro_loss_per_token(logits_shard: torch.Tensor, target: torch.Tensor, tau: to
     with the fused kernel (the model fuses the output projection itself).
     """
     _check_shapes(logits_shard, target, tau)
-    if objective not in OBJECTIVES:
-        raise ValueError(f"DRO loss: unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    check_objective(objective)
     impl = resolve_impl(impl, logits_shard.device)
     lead = target.shape
     flat = logits_shard.reshape(-1, logits_shard.shape[-1])  # [t, v/tp]

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from megatron_tempnet.config import ConfigError
 from megatron_tempnet.tempnet.comm import MAX, SUM, all_reduce, group_rank_size
 from megatron_tempnet.tempnet.reference import compute_dtype
+from megatron_tempnet.training.metrics_log import tau_histogram, tau_histogram_edges
 
 
 @dataclass
@@ -215,11 +216,7 @@ def _micro_batch_sums(layout: _StatLayout, model, tp_group, tau_range, batch, lo
             else torch.zeros((), dtype=nll.dtype, device=nll.device)]
     parts = [torch.stack(head), nll_sum, bins]
     if tau is not None:
-        lo, hi = tau_range
-        hb = layout.hist_bins
-        idx = ((tau - lo) / (hi - lo) * hb).floor().long().clamp_(0, hb - 1)
-        parts.append(torch.zeros(hb, dtype=nll.dtype, device=nll.device)
-                     .index_add_(0, idx, mask.to(nll.dtype)))
+        parts.append(tau_histogram(tau, mask, *tau_range, bins=layout.hist_bins).to(nll.dtype))
     vec = torch.cat(parts)
     assert vec.numel() == layout.size
     return logits.new_zeros(()), mask.sum().to(torch.int), {"eval": vec}
@@ -368,11 +365,11 @@ def _metrics(layout, first, fine_layout, second, fixed, tcfg, config) -> dict:
            "ppl tau=1": grid[1.0][0], "ece tau=1": grid[1.0][1]}
     if layout.token_tau:
         j, name = len(layout.temperatures), own_tau_name(tcfg)
-        edges = torch.linspace(tcfg.tau_min, tcfg.tau_max, layout.hist_bins + 1)
         out.update({f"ppl {name}": ppl(a["nll"][j]),
                     f"ece {name}": expected_calibration_error(a["bins"][j]),
                     "tau mean": float(a["tau_sum"]) / denom,
-                    "tau histogram": {"edges": edges.tolist(),
+                    "tau histogram": {"edges": tau_histogram_edges(tcfg.tau_min, tcfg.tau_max,
+                                                                   layout.hist_bins),
                                       "counts": a["tau_hist"].tolist()}})
     if fixed is not None:
         out.update({"fixed tau": float(fixed), "ppl fixed tau": grid[float(fixed)][0],

@@ -26,6 +26,7 @@ import torch
 from megatron_tempnet.config import TrainConfig
 from megatron_tempnet.parallel.runtime import ParallelContext
 from megatron_tempnet.training.checkpointing import Checkpointer, RunControl
+from megatron_tempnet.training.metrics_log import tau_histogram_edges
 from megatron_tempnet.training.step import (REPORT_COUNTS, TAU_HISTOGRAM, forward_backward,
                                              global_metrics, reduce_reports)
 
@@ -117,8 +118,8 @@ def log_iteration(state: TrainState, out: StepOutput, train_cfg: TrainConfig,
         metrics[key] = part if key in REPORT_COUNTS else part[0]
     counts = metrics.pop(TAU_HISTOGRAM, None)
     if counts is not None and tau_range is not None:
-        edges = torch.linspace(*tau_range, len(counts) + 1, dtype=torch.float64).tolist()
-        metrics[TAU_HISTOGRAM] = {"edges": edges, "counts": counts}
+        metrics[TAU_HISTOGRAM] = {"edges": tau_histogram_edges(*tau_range, len(counts)),
+                                  "counts": counts}
     if out.loss_scale is not None:
         metrics["skipped iterations"] = window.skipped
     state.history.append((state.iteration, metrics["lm loss"]))

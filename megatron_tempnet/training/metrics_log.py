@@ -107,6 +107,11 @@ def tau_histogram(tau: torch.Tensor, loss_mask: torch.Tensor, tau_min: float, ta
     return torch.zeros(bins, dtype=torch.float64, device=tau.device).index_add_(0, idx, weight)
 
 
+def tau_histogram_edges(tau_min: float, tau_max: float, bins: int) -> list[float]:
+    """The bins + 1 edges of ``tau_histogram``'s equal-width bins."""
+    return torch.linspace(tau_min, tau_max, bins + 1, dtype=torch.float64).tolist()
+
+
 def format_train_line(iteration: int, train_iters: int, metrics: dict) -> str:
     """One console line from a train metrics dict (the keys of ``log_train``), in a fixed order;
     keys absent from ``metrics`` are left out."""

@@ -3,20 +3,13 @@
 same full inputs: loss, tau, and the gradients of the hidden states, the output weight's
 vocabulary rows and TempNet's parameters. One launch covers every implementation.
 """
-import os
-import random
-
-import importlib.util
-
 import pytest
 import torch
 
 from torchrun import run_torchrun
 from workers.dro_kernels_worker import run_case
 
-pytestmark = [pytest.mark.parallel,
-              pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                 reason="needs triton (the [dev] extra installs it)")]
+pytestmark = [pytest.mark.parallel, pytest.mark.triton]
 FP32_TOL = dict(rtol=2e-5, atol=2e-6)  # fp32; the TP reductions reorder sums
 T, H, V, M = 13, 12, 2 * 67, 9  # odd sizes; V divisible by TP=2 only
 RUNS = [("reference", "dro"), ("fused", "dro"), ("fused", "tempered_ce"),
@@ -37,8 +30,7 @@ def make_case(seed: int) -> dict:
                             loss_mode="tempnet_dro")}
 
 
-def test_dro_impls_tp2_match_tp1(tmp_path):
-    seed = int(os.environ.get("TEMPNET_TEST_SEED", random.SystemRandom().randrange(2**31)))
+def test_dro_impls_tp2_match_tp1(tmp_path, seed):
     case = make_case(seed)
     torch.save(case, tmp_path / "case.pt")
     ranks = run_torchrun("dro_kernels_worker.py", tmp_path, str(tmp_path / "case.pt"))

@@ -6,8 +6,6 @@ DRO loss at it. One launch covers every check.
 """
 import dataclasses
 import math
-import os
-import random
 
 import pytest
 import torch
@@ -44,8 +42,7 @@ def make_case(seed: int) -> dict:
                      ("max_shifted-train", shifted, True)]}
 
 
-def test_tempnet_tp2_matches_tp1(tmp_path):
-    seed = int(os.environ.get("TEMPNET_TEST_SEED", random.SystemRandom().randrange(2**31)))
+def test_tempnet_tp2_matches_tp1(tmp_path, seed):
     case = make_case(seed)
     torch.save(case, tmp_path / "case.pt")
     ranks = run_torchrun("tempnet_tp_worker.py", tmp_path, str(tmp_path / "case.pt"))

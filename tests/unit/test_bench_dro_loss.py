@@ -1,6 +1,5 @@
 """bench/bench_dro_loss.py runs end to end at a tiny size and reports every implementation:
 a time for those that run here, the reason for those that cannot (GPU-only peers)."""
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -10,8 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="needs triton (the [dev] extra installs it)")
+pytestmark = pytest.mark.triton
 
 
 def test_bench_dro_loss_smoke(capsys):

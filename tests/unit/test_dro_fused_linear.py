@@ -5,8 +5,6 @@ by dro_loss_per_token_reference, L = c * sum(loss * mask), all gradients by auto
 Kernels run under Triton's interpreter without a GPU (tests/conftest.py). Chunks smaller than
 the token count and vocabularies that are not multiples of the block size are exercised.
 """
-import importlib.util
-import os
 import random
 
 import pytest
@@ -17,17 +15,9 @@ from megatron_tempnet.tempnet import (TempNetConfig, TempNetHead, dro_loss_per_t
 from megatron_tempnet.tempnet.fused_linear import default_chunk_tokens, fused_linear_dro_loss
 from megatron_tempnet.tempnet.head import PARAM_NAMES
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="needs triton (the [dev] extra installs it)")
+pytestmark = pytest.mark.triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
-
-
-@pytest.fixture
-def seed():
-    value = int(os.environ.get("TEMPNET_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    print(f"TEMPNET_TEST_SEED={value}")
-    return value
 
 
 def make_case(seed, tokens=11, hidden=16, vocab=203):

@@ -5,7 +5,6 @@ at small sizes; the same tests run compiled on a CUDA machine. Inputs are fresh 
 (seed printed; TEMPNET_TEST_SEED reproduces) with ignored tokens (target -100, mask 0), extreme
 logits and vocabulary sizes that are not multiples of the block size.
 """
-import importlib.util
 import os
 import random
 
@@ -15,20 +14,12 @@ import torch
 from megatron_tempnet.tempnet import dro_loss, dro_loss_reference
 from megatron_tempnet.tempnet.loss import dro_loss_per_token, resolve_impl
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="needs triton (the [dev] extra installs it)")
+pytestmark = pytest.mark.triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # loss / stats / tau grads: fp32 compute on fp32 or bf16-rounded inputs, vs an fp64 oracle
 TOL = dict(rtol=2e-5, atol=2e-5)
 # logits grads come back in the logits' dtype
 GRAD_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-6), torch.bfloat16: dict(rtol=1.6e-2, atol=4e-3)}
-
-
-@pytest.fixture
-def seed():
-    value = int(os.environ.get("TEMPNET_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    print(f"TEMPNET_TEST_SEED={value}")
-    return value
 
 
 def make_case(seed, tokens=13, vocab=301, scale=3.0, tau_range=(0.2, 4.0)):

@@ -6,8 +6,6 @@ Fresh random inputs every run: the seed is printed (shown by pytest on failure);
 TEMPNET_TEST_SEED to replay one.
 """
 import math
-import os
-import random
 
 import pytest
 import torch
@@ -21,13 +19,6 @@ FP64_TOL = dict(rtol=1e-10, atol=1e-12)
 FP32_TOL = dict(rtol=1e-5, atol=1e-6)
 VOCAB, HIDDEN = 41, 13  # odd on purpose
 CONVENTIONS = ("raw", "max_shifted")
-
-
-@pytest.fixture
-def seed():
-    value = int(os.environ.get("TEMPNET_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    print(f"TEMPNET_TEST_SEED={value}")
-    return value
 
 
 def make_head(seed, convention="raw", dtype=torch.float64, perturb=True, **cfg):

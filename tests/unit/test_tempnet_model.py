@@ -5,7 +5,6 @@ The model's per-token output [b, s, 4] = (loss, plain CE, tempered CE, tau) is c
 against the dense references of tempnet/reference.py applied to the model's own full logits
 (its forward without labels), gradients included (tempnet.md 1-2).
 """
-import importlib.util
 import math
 
 import pytest
@@ -239,7 +238,7 @@ def test_new_modes_checkpoint_and_export_round_trip(single_process, tmp_path, mo
                                rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.triton
 @pytest.mark.parametrize("impl", ["fused", "fused_linear"])
 @pytest.mark.parametrize("loss_mode", ["tempnet_dro", "tempnet_ce", "dro_exact"])
 def test_dro_loss_impls_give_the_reference_model(single_process, loss_mode, impl, monkeypatch):
