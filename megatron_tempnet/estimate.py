@@ -122,9 +122,15 @@ def layer_params(cfg: ModelConfig, tp: int = 1) -> tuple[int, int]:
     return split // tp + replicated, replicated
 
 
-def tempnet_params(m: int, vocab: int, tp: int = 1) -> int:
-    """TempNet head (tempnet/head.py PARAM_NAMES): w1 [M, V/tp], b1 [M], w2 [M, M], b2 [M],
-    pool_scale [], pool_w [M], pool_c [] = M*V/tp + M + M*M + M + M + 2."""
+def tempnet_params(m: int, vocab: int, tp: int = 1, arch: str = "paper") -> int:
+    """TempNet head (tempnet/head.py). "paper" (PARAM_NAMES): w1 [M, V/tp], b1 [M], w2 [M, M],
+    b2 [M], pool_scale [], pool_w [M], pool_c [] = M*V/tp + M + M*M + M + M + 2.
+    "scale_aware" (SCALE_AWARE_PARAM_NAMES, K features): w_dir [M, V/tp], w_feat [M, K],
+    b_hidden [M], w_out [M], w_out_feat [K], b_out [] = M*V/tp + M*K + 2M + K + 1."""
+    if arch == "scale_aware":
+        from megatron_tempnet.tempnet.head import SCALE_AWARE_FEATURES
+        k = len(SCALE_AWARE_FEATURES)
+        return m * vocab // tp + m * k + 2 * m + k + 1
     return m * vocab // tp + m + m * m + m + m + 2
 
 
@@ -141,7 +147,7 @@ def count_parameters(cfg: ModelConfig, tempnet=None, tp: int = 1, pp: int = 1) -
     per_layer_full, _ = layer_params(cfg, 1)
     final_norm = _norm_params(cfg)
     output = 0 if cfg.tie_embeddings else v * h
-    tn = tempnet_params(tempnet.hidden_size, v) if uses_tempnet else 0
+    tn = tempnet_params(tempnet.hidden_size, v, 1, tempnet.arch) if uses_tempnet else 0
     total = emb + pos + L * per_layer_full + final_norm + output + tn
 
     per_layer_rank, _ = layer_params(cfg, tp)
@@ -155,7 +161,8 @@ def count_parameters(cfg: ModelConfig, tempnet=None, tp: int = 1, pp: int = 1) -
             n += final_norm
             if not cfg.tie_embeddings or pp > 1:  # tied + PP>1: the last stage holds a copy
                 n += emb // tp
-        tn_rank = tempnet_params(tempnet.hidden_size, v, tp) if (uses_tempnet and last) else 0
+        tn_rank = (tempnet_params(tempnet.hidden_size, v, tp, tempnet.arch)
+                   if (uses_tempnet and last) else 0)
         stages.append(n + tn_rank)
         trainable.append(tn_rank if frozen else n + tn_rank)
     return ParamCount(embedding=emb, position_embedding=pos, per_layer=per_layer_full,

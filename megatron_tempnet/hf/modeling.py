@@ -30,11 +30,11 @@ from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHe
 
 from megatron_tempnet.tempnet.config import TempNetConfig
 from megatron_tempnet.tempnet.exact_tau import solve_tau
-from megatron_tempnet.tempnet.head import TempNetHead
+from megatron_tempnet.tempnet.head import build_tempnet_head
 
 # The TempNetConfig fields an exported model carries (the ones that define its tau).
-EXPORTED_TEMPNET_FIELDS = ("hidden_size", "tau_min", "tau_max", "rho", "input_convention",
-                           "loss_mode")
+EXPORTED_TEMPNET_FIELDS = ("arch", "tau0", "hidden_size", "tau_min", "tau_max", "rho",
+                           "input_convention", "loss_mode")
 
 
 def has_own_tau(cfg: TempNetConfig | None) -> bool:
@@ -49,7 +49,8 @@ def tempnet_settings(cfg: TempNetConfig) -> dict:
 
 def _tempnet_config(settings: dict) -> TempNetConfig:
     """The TempNetConfig of the exported tau (loss_mode "tempnet_dro" when the export has none:
-    older exports all had a TempNet head); dropout off."""
+    older exports all had a TempNet head; arch "paper" when it has none: older exports all had
+    the paper's head); dropout off."""
     names = {f.name for f in dataclasses.fields(TempNetConfig)}
     kept = {k: v for k, v in settings.items() if k in names}
     kept.setdefault("loss_mode", "tempnet_dro")
@@ -84,7 +85,8 @@ class _TempNetForCausalLM:
             raise ValueError(f"config.tempnet loss_mode {cfg.loss_mode!r} has no per-token tau "
                              "to export (export it as a plain model)")
         # "dro_exact": tau* is solved from the logits, there are no TempNet weights
-        self.tempnet = TempNetHead(cfg, config.padded_vocab_size) if cfg.uses_tempnet else None
+        self.tempnet = (build_tempnet_head(cfg, config.padded_vocab_size) if cfg.uses_tempnet
+                        else None)
         hidden = self.get_output_embeddings().weight.shape[1]
         pad_rows = config.padded_vocab_size - config.vocab_size
         self.pad_logit_weight = nn.Parameter(torch.zeros(pad_rows, hidden))

@@ -12,8 +12,8 @@ from the start of its pipeline stage) and holds a slice of each tensor-parallel 
 | linear_fc1 (weight, bias)               | rows; with SwiGLU each of [gate; up] separately |
 | linear_proj, linear_fc2 (weight)        | columns       |
 | norms, row-parallel biases, positions   | replicated    |
-| tempnet.w1 (TempNet head, last stage)   | columns (vocab, like the output layer's rows)   |
-| tempnet.* other (b1, w2, b2, pool_*)    | replicated    |
+| tempnet.w1 / tempnet.w_dir (TempNet head, last stage; paper / scale_aware) | columns (vocab, like the output layer's rows) |
+| tempnet.* other (b1, w2, ... / w_feat, ...) | replicated    |
 
 Used by tests (load one set of weights at any layout) and by checkpoint conversion.
 """
@@ -24,6 +24,10 @@ import re
 import torch
 
 from megatron_tempnet.config import ModelConfig
+from megatron_tempnet.tempnet.head import HEADS
+
+# the one vocab-sharded tensor of each TempNet design (tempnet.md 3): "w1" / "w_dir" [M, V/tp]
+TEMPNET_SHARDED = tuple(f"tempnet.{cls.SHARDED}" for cls in HEADS.values())
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
@@ -36,7 +40,7 @@ def tp_split_dim(key: str) -> int | None:
         return 0
     if re.search(r"(linear_proj|linear_fc2)\.weight$", key):
         return 1
-    if key.endswith("tempnet.w1"):  # TempNet's W1 [M, V/tp]: vocab columns (tempnet.md 3)
+    if key.endswith(TEMPNET_SHARDED):  # TempNet's W1 / w_dir [M, V/tp]: vocab columns
         return 1
     return None
 

@@ -38,7 +38,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron_tempnet.config import ConfigError, ModelConfig
 from megatron_tempnet.models.gpt import build_model
 from megatron_tempnet.parallel.runtime import ParallelContext
-from megatron_tempnet.tempnet import TempNetConfig, TempNetHead, dro_loss_per_token, solve_tau
+from megatron_tempnet.tempnet import (TempNetConfig, build_tempnet_head, dro_loss_per_token,
+                                      solve_tau)
 from megatron_tempnet.tempnet.comm import group_rank_size
 from megatron_tempnet.tempnet.fused_linear import fused_linear_dro_loss
 from megatron_tempnet.tempnet.loss import resolve_impl
@@ -62,7 +63,7 @@ class TempNetGPTModel(GPTModel):
     pipeline stage only and only with a loss mode of ``TEMPNET_LOSS_MODES`` ("tempnet_dro",
     "tempnet_ce"); its W1 is sharded by vocabulary columns like the output layer
     (``models.sharding.tp_split_dim``), and megatron-core's ``sharded_state_dict`` recursion
-    reaches ``TempNetHead.sharded_state_dict`` (so checkpoints hold it). "dro_exact" and
+    reaches the head's ``sharded_state_dict`` (``--tempnet-arch``: tempnet/head.py HEADS) (so checkpoints hold it). "dro_exact" and
     "dro_fixed_tau" have no parameter beyond the LM's.
     """
 
@@ -76,9 +77,9 @@ class TempNetGPTModel(GPTModel):
         self.tempnet = None
         if self.post_process and tempnet_config.uses_tempnet:
             tp_rank, tp_size = group_rank_size(self.tp_group)
-            self.tempnet = TempNetHead(tempnet_config, self.vocab_size, tp_rank=tp_rank,
-                                       tp_size=tp_size, seed=tempnet_seed,
-                                       dtype=self.config.params_dtype)
+            self.tempnet = build_tempnet_head(tempnet_config, self.vocab_size, tp_rank=tp_rank,
+                                              tp_size=tp_size, seed=tempnet_seed,
+                                              dtype=self.config.params_dtype)
             for param in self.tempnet.parameters():
                 setattr(param, TEMPNET_PARAM_ATTR, True)
 

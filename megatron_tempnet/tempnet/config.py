@@ -13,6 +13,13 @@ from dataclasses import dataclass
 from megatron_tempnet.config import ConfigError
 
 INPUT_CONVENTIONS = ("raw", "max_shifted")
+# TempNet designs (``--tempnet-arch``): "paper" (default) is the authors' head, reproduced exactly
+# (tempnet/head.py TempNetHead); "scale_aware" reads the logits' scale and shape and starts at
+# tau0 with no floor (tempnet/head.py ScaleAwareTempNetHead; why: docs/tempnet_design.md).
+ARCHS = ("paper", "scale_aware")
+# The defaults that differ between the designs (a field left at None takes its design's value).
+ARCH_DEFAULTS = {"paper": {"dropout": 0.5, "lr": 2e-6},
+                 "scale_aware": {"dropout": 0.0, "lr": 1e-3}}
 LR_SCHEDULES = ("constant", "lm")
 # "ce": plain megatron GPTModel, vocab-parallel CE (TempNet off); "dro_fixed_tau": the DRO loss
 # with a constant tau (ablation, no TempNet); "tempnet_dro": TempNet's tau + the DRO loss;
@@ -40,16 +47,23 @@ class TempNetConfig:
                   tempered entropy H(p_tau) equals log V - rho (tempnet.md section 1).
     tau_min, tau_max: bounds of tau = tau_min + (tau_max - tau_min) * sigmoid(o). Defaults are
                   the paper's GPT-2 run ([0.5, 5.0], rho 8.0); LLaMA used [0.01, 2.0], rho 8.5-10.
-    hidden_size:  M, the width of W1 (M x V) and W2 (M x M).
-    dropout:      dropout probability after sigmoid(W1 x + b1) (paper: 0.5).
+    arch:         ``--tempnet-arch`` "paper" (default: the authors' TempNet, exactly) or
+                  "scale_aware" (features that carry the logits' scale and shape, tau in log
+                  space starting at ``tau0``; see ``ARCHS`` and docs/tempnet_design.md).
+    tau0:         scale_aware only: tau of every token at initialisation (None: 1.0, or 1.0
+                  clamped into the bounds); must lie strictly inside (tau_min, tau_max).
+    hidden_size:  M, the width of W1 (M x V) and W2 (M x M) (scale_aware: of its hidden layer).
+    dropout:      dropout probability after the first hidden layer (None: the design's
+                  default, ``ARCH_DEFAULTS``: 0.5 for "paper", as upstream; 0 for "scale_aware").
     input_convention:
         "raw"         (default) x = z / max(||z||_2, 1e-12): the upstream authors' convention
                       (F.normalize of the raw logits) and one all-reduce under TP.
         "max_shifted" x = (z - max z) / max(||z - max z||_2, 1e-12): invariant to adding a
                       constant to the logits, like the softmax; one extra all-reduce(max).
         Training, evaluation, export and generation all use the head, so one convention holds.
-    lr, weight_decay: TempNet's own optimizer parameter group (upstream: 2e-6 jointly from
-                  scratch; 1e-4 to 2e-4 with the LM frozen).
+    lr, weight_decay: TempNet's own optimizer parameter group (lr None: the design's default,
+                  ``ARCH_DEFAULTS``: 2e-6 for "paper" (upstream: 2e-6 jointly from scratch,
+                  1e-4 to 2e-4 with the LM frozen); 1e-3 for "scale_aware").
     lr_schedule:  "constant" (default, as upstream): TempNet's group keeps ``lr``;
                   "lm": it follows the LM's scheduler, scaled so that its peak is ``lr``.
     loss_mode:    "ce" (default: plain GPTModel, TempNet off);
@@ -74,10 +88,12 @@ class TempNetConfig:
     rho: float = 8.0
     tau_min: float = 0.5
     tau_max: float = 5.0
+    arch: str = "paper"
+    tau0: float | None = None
     hidden_size: int = 256
-    dropout: float = 0.5
+    dropout: float | None = None
     input_convention: str = "raw"
-    lr: float = 2e-6
+    lr: float | None = None
     weight_decay: float = 0.0
     lr_schedule: str = "constant"
     loss_mode: str = "ce"
@@ -85,11 +101,26 @@ class TempNetConfig:
     training_mode: str = "scratch"
     dro_loss_impl: str = "auto"
 
+    def __post_init__(self) -> None:
+        # a field left at None takes its design's default (an unknown arch: validate() says so)
+        for name, value in ARCH_DEFAULTS.get(self.arch, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.arch == "scale_aware" and self.tau0 is None:
+            try:  # 1, or the geometric mean of bounds that exclude 1 (bad bounds: validate())
+                inside = self.tau_min < 1.0 < self.tau_max
+                self.tau0 = 1.0 if inside else math.sqrt(self.tau_min * self.tau_max)
+            except (TypeError, ValueError):
+                pass
+
     def validate(self) -> "TempNetConfig":
         """Raise ConfigError naming the field (and its flag), the value and the fix."""
         def bad(field: str, why: str) -> ConfigError:
             flag = "--tempnet-" + field.replace("_", "-")
             return ConfigError(f"TempNetConfig.{field} ({flag}) = {getattr(self, field)!r}: {why}")
+
+        if self.arch not in ARCHS:
+            raise bad("arch", f"unknown TempNet design; choose one of {ARCHS}")
 
         for field in ("rho", "tau_min", "tau_max", "dropout", "lr", "weight_decay", "fixed_tau"):
             value = getattr(self, field)
@@ -111,6 +142,21 @@ class TempNetConfig:
             raise bad("dropout", "must satisfy 0 <= dropout < 1 (the paper uses 0.5)")
         if self.input_convention not in INPUT_CONVENTIONS:
             raise bad("input_convention", f"choose one of {INPUT_CONVENTIONS}")
+        if self.arch == "paper" and self.tau0 is not None:
+            raise bad("tau0", "only --tempnet-arch scale_aware has a chosen initial tau (the "
+                              "paper's head starts at the midpoint of the bounds); drop "
+                              "--tempnet-tau0 or add --tempnet-arch scale_aware")
+        if self.arch == "scale_aware":
+            tau0 = self.tau0
+            if isinstance(tau0, bool) or not isinstance(tau0, (int, float)) \
+                    or not math.isfinite(tau0) or not self.tau_min < tau0 < self.tau_max:
+                raise bad("tau0", f"must lie strictly inside the tau bounds ({self.tau_min!r}, "
+                                  f"{self.tau_max!r}) so that tau can move both ways; "
+                                  "change --tempnet-tau0 or the bounds")
+            if self.input_convention != "raw":
+                raise bad("input_convention", "applies to --tempnet-arch paper only; "
+                                              "scale_aware always centres the logits (it is "
+                                              "shift-invariant): drop the flag")
         if self.lr < 0:
             raise bad("lr", "must be >= 0")
         if self.weight_decay < 0:

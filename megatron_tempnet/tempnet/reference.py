@@ -9,6 +9,7 @@ API, mirrored by the parallel implementations (one math, one dispatch point in `
     dro_loss_per_token_reference(logits_full, target, tau, rho) -> (loss, ce, tempered_ce) [...]
     dro_loss_reference(logits_full, target, tau, loss_mask, rho) -> (loss_scalar, stats)
     tempnet_reference(logits_full, params, config, dropout_mask=None) -> tau [...]
+        (config.arch "paper": tempnet.md section 2; "scale_aware": ``scale_aware_reference``)
     reduce_token_losses(...): the loss-mask weighted mean and logged stats (shared by both).
 """
 from __future__ import annotations
@@ -21,6 +22,10 @@ import torch.nn.functional as F
 from megatron_tempnet.tempnet.config import TempNetConfig
 
 NORM_EPS = 1e-12
+# scale_aware design: the floor of both variances of its features, and the clamp of its Newton
+# feature (tempnet/head.py SCALE_AWARE_FEATURES)
+VAR_EPS = 1e-12
+FEATURE_CLAMP = 4.0
 # "dro": loss = tau * CE(z/tau, y) + (rho - log V) * tau; "tempered_ce": loss = CE(z/tau, y)
 OBJECTIVES = ("dro", "tempered_ce")  # tempnet.md 2.1: x = z / max(||z||_2, 1e-12)
 
@@ -108,7 +113,10 @@ def tempnet_reference(logits_full: torch.Tensor, params: dict, config: TempNetCo
     params: w1 [M, V], b1 [M], w2 [M, M], b2 [M], pool_scale [], pool_w [M], pool_c [] (the
     names of ``TempNetHead``'s parameters at TP=1). dropout_mask [..., M], already scaled by
     1/(1-p), is applied after the sigmoid; None means evaluation (no dropout).
+    ``config.arch`` "scale_aware": :func:`scale_aware_reference` (its parameter names).
     """
+    if config.arch == "scale_aware":
+        return scale_aware_reference(logits_full, params, config, dropout_mask)
     w1 = params["w1"]
     dtype = compute_dtype(w1.dtype)
     p = {k: v.to(dtype) for k, v in params.items()}
@@ -124,3 +132,38 @@ def tempnet_reference(logits_full: torch.Tensor, params: dict, config: TempNetCo
     a = torch.softmax(h / p["pool_scale"].exp(), dim=-1)  # 2.3
     o = ((a - 1.0 / hidden) * h) @ p["pool_w"] + p["pool_c"]  # [...]
     return config.tau_min + (config.tau_max - config.tau_min) * torch.sigmoid(o)  # 2.4
+
+
+def scale_aware_reference(logits_full: torch.Tensor, params: dict, config: TempNetConfig,
+                          dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense scale_aware TempNet: tau [...] from the detached logits [..., V], written directly
+    from its definition (tempnet/head.py ScaleAwareTempNetHead; docs/tempnet_design.md) with
+    torch's std / log_softmax, independent of the head's packed row sums.
+
+    params: w_dir [M, V], w_feat [M, K], b_hidden [M], w_out [M], w_out_feat [K], b_out [].
+    dropout_mask [..., M] (scaled by 1/(1-p)) after the tanh; None: no dropout.
+    """
+    dtype = compute_dtype(params["w_dir"].dtype)
+    p = {k: v.to(dtype) for k, v in params.items()}
+    z = logits_full.detach().to(dtype)  # [..., V]
+    log_v = math.log(z.shape[-1])
+    mean = z.mean(-1, keepdim=True)
+    var_v = z.var(-1, unbiased=False).clamp_min(VAR_EPS)
+    log_p = torch.log_softmax(z, dim=-1)
+    prob = log_p.exp()
+    entropy = -(prob * log_p).sum(-1)
+    mean_p = (prob * z).sum(-1, keepdim=True)
+    var_p = (prob * (z - mean_p) ** 2).sum(-1).clamp_min(VAR_EPS)
+    gap = (z.amax(-1) - mean.squeeze(-1)) / var_v.sqrt() / math.sqrt(2 * log_v)
+    newton = ((log_v - entropy - config.rho) / var_p).clamp(-FEATURE_CLAMP, FEATURE_CLAMP)
+    feats = torch.stack([0.5 * var_v.log(), 0.5 * var_p.log(), entropy / log_v, gap, newton], -1)
+    centred = z - mean
+    x = centred / centred.norm(dim=-1, keepdim=True).clamp_min(math.sqrt(z.shape[-1] * VAR_EPS))
+    h = torch.tanh(x @ p["w_dir"].t() + feats @ p["w_feat"].t() + p["b_hidden"])
+    if dropout_mask is not None:
+        h = h * dropout_mask.to(dtype)
+    o = h @ p["w_out"] + feats @ p["w_out_feat"] + p["b_out"]
+    lo, hi = math.log(config.tau_min), math.log(config.tau_max)
+    start = (math.log(config.tau0) - lo) / (hi - lo)  # sigmoid(o0) = start
+    o0 = math.log(start) - math.log1p(-start)
+    return torch.exp(lo + (hi - lo) * torch.sigmoid(o + o0))

@@ -260,9 +260,14 @@ def shape_mismatches(saved: dict, current: dict, *, finetune: bool) -> list[str]
             out.append(f"{name}: checkpoint {sm.get(name)!r}, this run {cm.get(name)!r}")
     st, ct = saved["tempnet"], current["tempnet"]
     both_tempnet = {st["loss_mode"], ct["loss_mode"]} <= set(TEMPNET_LOSS_MODES)  # both heads
-    if both_tempnet and st["hidden_size"] != ct["hidden_size"]:
+    saved_arch = st.get("arch", "paper")  # checkpoints from before --tempnet-arch: the paper's
+    if both_tempnet and saved_arch == ct["arch"] and st["hidden_size"] != ct["hidden_size"]:
         out.append(f"tempnet hidden_size: checkpoint {st['hidden_size']!r}, this run "
                    f"{ct['hidden_size']!r}")
+    if both_tempnet and not finetune and saved_arch != ct["arch"]:
+        out.append(f"tempnet arch: checkpoint {saved_arch!r}, this run {ct['arch']!r} (pass "
+                   f"--tempnet-arch {saved_arch}, or --finetune to load the LM weights only "
+                   "and start this run's TempNet from its init)")
     if not finetune and st["loss_mode"] != ct["loss_mode"]:
         out.append(f"tempnet loss_mode: checkpoint {st['loss_mode']!r}, this run "
                    f"{ct['loss_mode']!r} (use --finetune to load the LM weights only)")

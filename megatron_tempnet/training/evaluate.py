@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 from megatron_tempnet.config import ConfigError
 from megatron_tempnet.tempnet.comm import MAX, SUM, all_reduce, group_rank_size
+from megatron_tempnet.tempnet.exact_tau import solve_tau
 from megatron_tempnet.tempnet.reference import compute_dtype
 from megatron_tempnet.training.metrics_log import tau_histogram, tau_histogram_edges
 
@@ -163,16 +164,30 @@ def expected_calibration_error(bins: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 # Per-micro-batch sums (the schedule's loss_func) and their layout.
 
+# The moment sums of the own tau (and, for "tempnet_dro", of the exact tau* of the same logits):
+# sum w tau^2, sum w tau*, sum w tau*^2, sum w tau tau* -> tau std, R^2 and Pearson vs tau*.
+TAU_MOMENTS = 4
+
+
+def tracks_exact_tau(tempnet_cfg) -> bool:
+    """Whether the evaluation compares the own tau with the exact per-token tau* of the DRO
+    loss (tempnet/exact_tau.py: the minimiser over tau of the loss TempNet is trained with):
+    loss_mode "tempnet_dro". ("tempnet_ce"'s per-token optimum argmin_tau CE(z/tau, y) depends on
+    the label (it is tau -> 0 whenever y is the argmax), so no label-free target exists.)"""
+    return tempnet_cfg is not None and tempnet_cfg.loss_mode == "tempnet_dro"
+
+
 @dataclass(frozen=True)
 class _StatLayout:
     """Offsets of the flat per-micro-batch sum vector. Columns j < num_scalar are the global
     temperatures ``temperatures``; column num_scalar (if ``token_tau``) is the model's own
-    per-token tau (TempNet's or the exact tau*)."""
+    per-token tau (TempNet's or the exact tau*); ``tau_star``: the moments carry tau* too."""
 
     temperatures: tuple
     token_tau: bool
     ece_bins: int
     hist_bins: int
+    tau_star: bool = False
 
     @property
     def num_cols(self) -> int:
@@ -180,15 +195,17 @@ class _StatLayout:
 
     @property
     def size(self) -> int:  # count, correct, tau sum | nll [J] | bins [J, B, 3] | tau hist [H]
-        return 3 + self.num_cols * (1 + 3 * self.ece_bins) + self.hist_bins * self.token_tau
+        return (3 + self.num_cols * (1 + 3 * self.ece_bins)
+                + (self.hist_bins + TAU_MOMENTS) * self.token_tau)  # | tau moments [4]
 
     def split(self, vec: torch.Tensor) -> dict:
         j, b = self.num_cols, self.ece_bins
         nll_end = 3 + j
         bins_end = nll_end + j * b * 3
+        hist_end = bins_end + self.hist_bins * self.token_tau
         return {"count": vec[0], "correct": vec[1], "tau_sum": vec[2],
                 "nll": vec[3:nll_end], "bins": vec[nll_end:bins_end].view(j, b, 3),
-                "tau_hist": vec[bins_end:]}
+                "tau_hist": vec[bins_end:hist_end], "tau_moments": vec[hist_end:]}
 
 
 def _micro_batch_sums(layout: _StatLayout, model, tp_group, tau_range, batch, logits):
@@ -217,6 +234,14 @@ def _micro_batch_sums(layout: _StatLayout, model, tp_group, tau_range, batch, lo
     parts = [torch.stack(head), nll_sum, bins]
     if tau is not None:
         parts.append(tau_histogram(tau, mask, *tau_range, bins=layout.hist_bins).to(nll.dtype))
+        star = torch.zeros_like(tau)
+        if layout.tau_star:  # the DRO loss's exact per-token optimum on the same logits
+            cfg = model.tempnet_config
+            star = solve_tau(logits, cfg.rho, cfg.tau_min, cfg.tau_max,
+                             tp_group).reshape(-1).to(tau.dtype)
+        wk = torch.where(keep[:, 0], mask, 0.0).to(tau.dtype)
+        parts.append(torch.stack([(wk * tau * tau).sum(), (wk * star).sum(),
+                                  (wk * star * star).sum(), (wk * tau * star).sum()]))
     vec = torch.cat(parts)
     assert vec.numel() == layout.size
     return logits.new_zeros(()), mask.sum().to(torch.int), {"eval": vec}
@@ -276,8 +301,10 @@ def evaluate(model_chunks: list, batches, num_batches: int, ctx, *, seq_length: 
 
     Every rank returns the same dict (broadcast from the last stage over ``ctx.pp_group``):
     scalars "eval tokens", "accuracy", "ppl tau=1", "ece tau=1", "best T", "ppl best T",
-    "ece best T"; with TempNet "ppl tempnet", "ece tempnet", "tau mean" and
-    "tau histogram" ({"edges": [...], "counts": [...]}); with loss_mode "dro_exact" the same
+    "ece best T"; with TempNet "ppl tempnet", "ece tempnet", "tau mean", "tau std" and
+    "tau histogram" ({"edges": [...], "counts": [...]}) (loss_mode "tempnet_dro" adds "tau* mean",
+    "tau* std", "r2 tau*", "pearson tau*": :func:`tau_agreement` with the exact tau*; the
+    per-token tau* costs a few extra passes over the logits); with loss_mode "dro_exact" the same
     for the exact tau* with "ppl exact tau", "ece exact tau"; with a fixed tau "fixed tau",
     "ppl fixed tau", "ece fixed tau"; and "temperature grid" ([[T, ppl, ece], ...], both
     passes, sorted by T). The model is run in eval mode and put back in its previous mode.
@@ -295,7 +322,7 @@ def evaluate(model_chunks: list, batches, num_batches: int, ctx, *, seq_length: 
         run = partial(_run_pass, model_chunks, ctx=ctx, num_microbatches=num_microbatches,
                       seq_length=seq_length, micro_batch_size=micro_batch_size)
         layout = _StatLayout(tuple(coarse), token_tau, config.ece_bins,
-                             config.tau_histogram_bins)
+                             config.tau_histogram_bins, tracks_exact_tau(tcfg))
         recorded = []
         first = None
         for _ in range(num_batches):
@@ -371,11 +398,35 @@ def _metrics(layout, first, fine_layout, second, fixed, tcfg, config) -> dict:
                     "tau histogram": {"edges": tau_histogram_edges(tcfg.tau_min, tcfg.tau_max,
                                                                    layout.hist_bins),
                                       "counts": a["tau_hist"].tolist()}})
+        out.update(tau_agreement(float(a["tau_sum"]), *a["tau_moments"].tolist(), denom,
+                                 layout.tau_star))
     if fixed is not None:
         out.update({"fixed tau": float(fixed), "ppl fixed tau": grid[float(fixed)][0],
                     "ece fixed tau": grid[float(fixed)][1]})
     out.update({"best T": best, "ppl best T": grid[best][0], "ece best T": grid[best][1],
                 "temperature grid": [[t, *grid[t]] for t in sorted(grid)]})
+    return out
+
+
+def tau_agreement(tau_sum: float, tau_sq: float, star_sum: float, star_sq: float,
+                  cross: float, weight: float, with_star: bool) -> dict:
+    """"tau std" (the own tau's spread over tokens) from weighted sums; with ``with_star`` also
+    "tau* mean", "tau* std", "r2 tau*" = 1 - sum (tau - tau*)^2 / sum (tau* - mean tau*)^2 (how
+    much of tau*'s per-token variation the own tau explains; can be < 0) and "pearson tau*".
+    Both are None when tau* (or tau, for Pearson) has no spread (e.g. all at a bound)."""
+    mean, var = tau_sum / weight, max(tau_sq / weight - (tau_sum / weight) ** 2, 0.0)
+    out = {"tau std": math.sqrt(var)}
+    if not with_star:
+        return out
+    s_mean = star_sum / weight
+    s_var = max(star_sq / weight - s_mean ** 2, 0.0)
+    cov = cross / weight - mean * s_mean
+    resid = max(tau_sq - 2 * cross + star_sq, 0.0) / weight  # mean (tau - tau*)^2
+    tiny = 1e-12 * max(s_mean * s_mean, 1e-30)
+    out.update({"tau* mean": s_mean, "tau* std": math.sqrt(s_var),
+                "r2 tau*": 1.0 - resid / s_var if s_var > tiny else None,
+                "pearson tau*": (cov / math.sqrt(s_var * var)
+                                 if s_var > tiny and var > 1e-12 * mean * mean else None)})
     return out
 
 
@@ -398,6 +449,15 @@ def format_eval_table(metrics: dict, title: str = "validation") -> str:
              f"{metrics['accuracy']:.4f}",
              f"{'':<{width}}  {'ppl':>12}  {'ECE':>8}"]
     lines += [f"{name:<{width}}  {p:>12.4f}  {e:>8.4f}" for name, p, e in rows]
+    if "tau std" in metrics:
+        line = f"own tau over tokens: mean {metrics['tau mean']:.4f}, std {metrics['tau std']:.4f}"
+        if "tau* mean" in metrics:
+            def num(key):
+                return "n/a (no spread)" if metrics[key] is None else f"{metrics[key]:.4f}"
+            line += (f"; exact tau*: mean {metrics['tau* mean']:.4f}, std "
+                     f"{metrics['tau* std']:.4f}; R^2 {num('r2 tau*')}, "
+                     f"Pearson {num('pearson tau*')}")
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -74,11 +74,13 @@ class LogWindow:
 
 def format_metrics(m: dict) -> str:
     """"lm loss" (plain CE, tau = 1) and its perplexity; with the DRO loss also the DRO loss,
-    the tempered CE (perplexity at the model's own tau) and tau mean/min/max (tempnet.md 1)."""
+    the tempered CE (perplexity at the model's own tau) and tau mean ± std over the tokens
+    [min, max] (tempnet.md 1)."""
     line = f"lm loss {m['lm loss']:.4f} | ppl {math.exp(min(m['lm loss'], 30)):.2f}"
     if "dro loss" in m:
         line += (f" | dro loss {m['dro loss']:.4f} | tempered ce {m['tempered ce']:.4f} | "
-                 f"tau {m['tau']:.3f} [{m['tau min']:.3f}, {m['tau max']:.3f}]")
+                 f"tau {m['tau']:.3f} ± {m['tau std']:.3f} [{m['tau min']:.3f}, "
+                 f"{m['tau max']:.3f}]")
     return line
 
 

@@ -117,7 +117,8 @@ def format_train_line(iteration: int, train_iters: int, metrics: dict) -> str:
     keys absent from ``metrics`` are left out."""
     fmt = [("lr", "lr {:.3e}"), ("lm loss", "lm loss {:.4f}"), ("ppl", "ppl {:.2f}"),
            ("dro loss", "dro loss {:.4f}"), ("tempered ce", "tempered ce {:.4f}"),
-           ("tau", "tau {:.3f}"), ("tau min", "[{:.3f},"), ("tau max", "{:.3f}]"),
+           ("tau", "tau {:.3f}"), ("tau std", "± {:.3f}"), ("tau min", "[{:.3f},"),
+           ("tau max", "{:.3f}]"),
            ("grad norm", "grad norm {:.3f}"), ("tokens/s", "tokens/s {:,.0f}"),
            ("TFLOP/s/GPU", "{:.2f} TFLOP/s/GPU"), ("MFU", "MFU {:.1%}"),
            ("ms/iter", "{:.1f} ms/iter"), ("mem max allocated GiB", "mem {:.2f} GiB"),
@@ -126,8 +127,9 @@ def format_train_line(iteration: int, train_iters: int, metrics: dict) -> str:
     for key, pattern in fmt:
         if key in metrics and metrics[key] is not None:
             piece = pattern.format(float(metrics[key]))
-            if key == "tau max" and parts and parts[-1].startswith("["):
-                parts[-1] += " " + piece
+            if parts and ((key == "tau max" and parts[-1].startswith("["))
+                          or (key == "tau std" and parts[-1].startswith("tau "))):
+                parts[-1] += " " + piece  # "tau 1.000 ± 0.100 | [0.500, 5.000]"
             else:
                 parts.append(piece)
     return " | ".join(parts)
@@ -243,7 +245,7 @@ def train_metrics(reduced: dict, *, lr: float, grad_norm, elapsed_s: float, iter
     """The full train metrics dict of one logged iteration from the loop's pieces.
 
     reduced: the loop's logged metrics (``step.global_metrics(...)`` as floats: "lm loss", and
-    with the DRO loss "dro loss", "tempered ce", "tau", "tau min", "tau max"; in fp16 "loss
+    with the DRO loss "dro loss", "tempered ce", "tau", "tau std", "tau min", "tau max"; in fp16 "loss
     scale", "skipped iterations"; "tau histogram" {"edges", "counts"}, passed on as it is); adds
     lr, ppl, grad norm, tokens/s, TFLOP/s/GPU, MFU (with a peak), ms/iter and memory
     (training/flops.py).

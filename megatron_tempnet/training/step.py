@@ -23,6 +23,17 @@ REPORT_EXTREMES = {"tau min": "min", "tau max": "max"}
 TAU_HISTOGRAM = "tau histogram"
 TAU_HISTOGRAM_BINS = 32  # equal-width bins over [tau_min, tau_max]; outliers in the edge bins
 REPORT_COUNTS = (TAU_HISTOGRAM,)
+# [sum w, sum w tau, sum w tau^2] in float64 (summed like a [sum, count] pair); global_metrics
+# turns it into "tau std", the spread of tau over the batch's tokens
+TAU_MOMENTS = "tau moments"
+
+
+def tau_moments(tau: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[sum w, sum w tau, sum w tau^2] (float64: the variance of a nearly constant tau survives
+    the subtraction) of the per-token tau [t] with the loss-mask weights w [t]."""
+    w = torch.where(mask != 0, mask, torch.zeros_like(mask)).double()
+    t = torch.where(mask != 0, tau, torch.zeros_like(tau)).double()
+    return torch.stack([w.sum(), (w * t).sum(), (w * t * t).sum()])
 
 
 def masked_sum_loss(loss_mask: torch.Tensor, output: torch.Tensor,
@@ -52,6 +63,7 @@ def masked_sum_loss(loss_mask: torch.Tensor, output: torch.Tensor,
     tau, kept = per_token[:, 3].detach(), keep[:, 0]  # masked min / max of tau, [1] each
     reports = {"lm loss": pair(sums[1]), "dro loss": pair(sums[0]),
                "tempered ce": pair(sums[2]), "tau": pair(sums[3]),
+               TAU_MOMENTS: tau_moments(tau, mask),
                "tau min": torch.where(kept, tau, torch.full_like(tau, math.inf)).amin(0, True),
                "tau max": torch.where(kept, tau, torch.full_like(tau, -math.inf)).amax(0, True)}
     if tau_range is not None:
@@ -97,7 +109,7 @@ def reduce_reports(reports: list, key: str = "lm loss") -> torch.Tensor:
 
 
 def global_metrics(reports: list, dp_group, window: dict | None = None) -> dict:
-    """Token-weighted means (and tau min/max, and the tau histogram's counts [bins]) over the
+    """Token-weighted means (and tau min/max/std, and the tau histogram's counts [bins]) over the
     global batch, from the last stage's micro-batch reports; reduced over ``dp_group`` (None:
     this process only) in two all-reduces whatever the keys: one SUM of every sum and count
     packed into one float64 vector, one MAX of the extremes (the minima negated).
@@ -115,6 +127,12 @@ def global_metrics(reports: list, dp_group, window: dict | None = None) -> dict:
                            dist.ReduceOp.MAX, dp_group)
     metrics = {}
     for key, value in local.items():
+        if key == TAU_MOMENTS:  # the per-token spread of tau: std over the batch's tokens
+            weight, first, second = value.unbind()
+            mean = first / weight.clamp(min=1e-30)
+            metrics["tau std"] = (second / weight.clamp(min=1e-30) - mean * mean).clamp_min(
+                0).sqrt()
+            continue
         metrics[key] = (value[0] if key in REPORT_EXTREMES else value if key in REPORT_COUNTS
                         else value[0] / value[1].clamp(min=1))
     return metrics

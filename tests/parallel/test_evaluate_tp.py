@@ -59,6 +59,8 @@ def assert_same(result, ref, where):
             got = torch.tensor(result[key], dtype=torch.float64)
             torch.testing.assert_close(got, torch.tensor(value, dtype=torch.float64),
                                        rtol=RTOL, atol=1e-6, msg=f"{where}: {key}")
+        elif value is None:  # "r2 tau*" / "pearson tau*" when tau* has no spread
+            assert result[key] is None, (where, key, result[key])
         else:
             assert math.isclose(result[key], value, rel_tol=RTOL, abs_tol=1e-6), \
                 (where, key, result[key], value)

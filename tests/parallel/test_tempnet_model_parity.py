@@ -1,6 +1,7 @@
 """TempNet GPT/LLaMA (TempNet head + DRO loss) at TP=2, PP=2 and DP=2 match one process; at
 TP=2 also the loss modes "dro_fixed_tau", "dro_exact" (the vocab-parallel tau* solver) and
-"tempnet_ce" (TempNet with the tempered CE).
+"tempnet_ce" (TempNet with the tempered CE); the scale_aware TempNet design at TP=2 (reference
+and fused_linear loss paths, both objectives) and PP=2.
 
 One torchrun launch (2 processes) runs every layout (tests/workers/tempnet_model_worker.py);
 the reference is the same model at TP=1/PP=1 in this process. Checked: the DRO loss, plain CE,
@@ -41,19 +42,25 @@ LAYOUTS = {
     "llama tempnet ce TP=2": ("tiny-llama", "tempnet_ce", 0.0, (2, 1)),  # tempered CE objective
     "llama fused_linear TP=2": ("tiny-llama", "tempnet_dro", 0.0, (2, 1)),
     "gpt fused_linear PP=2": ("tiny-gpt", "tempnet_dro", 0.0, (1, 2)),  # tied output weight
+    "llama scale_aware TP=2": ("tiny-llama", "tempnet_dro", 0.0, (2, 1)),
+    "llama scale_aware ce TP=2": ("tiny-llama", "tempnet_ce", 0.0, (2, 1)),
+    "llama scale_aware fused_linear TP=2": ("tiny-llama", "tempnet_dro", 0.0, (2, 1)),
+    "gpt scale_aware PP=2": ("tiny-gpt", "tempnet_dro", 0.0, (1, 2)),
 }
+# layouts with the scale_aware TempNet design (--tempnet-arch; the others: "paper")
+ARCHS = {name: "scale_aware" for name in LAYOUTS if "scale_aware" in name}
 # layouts run with another --dro-loss-impl than the single-process reference's (Triton kernels;
 # their interpreter on a CPU): the output projection fused with TempNet and the loss
-IMPLS = {"llama fused_linear TP=2": "fused_linear", "gpt fused_linear PP=2": "fused_linear"}
+IMPLS = {name: "fused_linear" for name in LAYOUTS if "fused_linear" in name}
 if importlib.util.find_spec("triton") is None:  # without Triton those layouts run the reference
     IMPLS = {}
 
 
-def reference_case(single_process, preset, loss_mode, dropout, seed):
+def reference_case(single_process, preset, loss_mode, dropout, seed, arch="paper"):
     torch.manual_seed(seed)
     cfg = load_model_preset(preset, vocab_size=256)  # 256: no extra padding at TP=2
     tcfg = TempNetConfig(loss_mode=loss_mode, dropout=dropout, hidden_size=32, rho=4.0,
-                         fixed_tau=0.7)
+                         fixed_tau=0.7, arch=arch)
     model = build_tempnet_model(cfg, tcfg, single_process, seed=seed)
     with torch.no_grad():  # random norms, biases and pooling so that every mapping error shows
         for name, p in model.named_parameters():
@@ -83,7 +90,8 @@ def test_tempnet_model_tp_pp_dp_match_single_process(single_process, tmp_path):
     seed = int(torch.randint(0, 2**31 - 2, ()).item())
     cases, refs = {}, {}
     for name, (preset, mode, dropout, layout) in LAYOUTS.items():
-        case, metrics, grads, cfg = reference_case(single_process, preset, mode, dropout, seed)
+        case, metrics, grads, cfg = reference_case(single_process, preset, mode, dropout, seed,
+                                                   ARCHS.get(name, "paper"))
         case["tempnet"]["dro_loss_impl"] = IMPLS.get(name, "reference")
         cases[name], refs[name] = dict(case, layout=layout), (metrics, grads, cfg)
     torch.save(cases, tmp_path / "cases.pt")
@@ -118,7 +126,7 @@ def test_tempnet_model_tp_pp_dp_match_single_process(single_process, tmp_path):
                                        msg=f"{where}: {key}")
         if mode == "dro_exact":  # some tokens at their root, some at a bound
             assert ref_metrics["tau min"] < ref_metrics["tau max"], where
-        if tp == 2 and uses_tempnet:  # W1 is saved as a column shard of [M, V]
-            m, v = grads["tempnet.w1"].shape
+        if tp == 2 and uses_tempnet:  # W1 (w_dir) is saved as a column shard of [M, V]
+            m, v = grads["tempnet." + ("w_dir" if name in ARCHS else "w1")].shape
             assert {r["w1_sharding"] for r in per_rank} == {
                 ((m, v // 2), (m, v), (0, 0)), ((m, v // 2), (m, v), (0, v // 2))}, where

@@ -64,7 +64,10 @@ def tiny_model(single_process, loss_mode, **tempnet):
     with torch.no_grad():  # sharpen the logits so that calibration varies with T
         model.output_layer.weight.mul_(20.0)
         if getattr(model, "tempnet", None) is not None:
-            model.tempnet.pool_c.add_(0.7)
+            if tcfg.arch == "paper":
+                model.tempnet.pool_c.add_(0.7)
+            else:
+                model.tempnet.b_out.add_(0.7)
     return cfg, model
 
 
@@ -171,3 +174,33 @@ def test_eval_config_errors():
     grid = EvalConfig().coarse_grid((0.7,))
     assert 1.0 in grid and 0.7 in grid and len(grid) == 26  # [0.05, 20] x 25 holds T = 1
     assert math.isclose(grid[0], 0.05) and math.isclose(grid[-1], 20.0)
+
+
+@pytest.mark.parametrize("arch", ["paper", "scale_aware"])
+def test_tau_spread_and_agreement_with_the_exact_tau(single_process, arch):
+    """"tau std" and, for tempnet_dro, R^2 / Pearson of the own tau against the exact tau* of
+    the same logits, from a dense computation over the masked tokens."""
+    from megatron_tempnet.tempnet import solve_tau
+
+    cfg, model = tiny_model(single_process, "tempnet_dro", arch=arch, rho=1.0, tau_min=0.05,
+                            tau_max=20.0)
+    if arch == "scale_aware":  # off its tau0 init: a tau that varies per token
+        with torch.no_grad():
+            model.tempnet.w_out_feat.copy_(torch.tensor([0.6, 0.3, -0.5, 0.2, 0.4]))
+    batches = make_batches(cfg.vocab_size, 4)
+    result = evaluate([model], iter(batches), 2, single_process, seq_length=16,
+                      micro_batch_size=2, num_microbatches=2)
+    logits, tau, _, mask = full_logits(model, batches)
+    star = solve_tau(logits.double(), 1.0, 0.05, 20.0)
+    keep = mask > 0
+    t, s = tau.double()[keep], star[keep]
+    assert float(s.std()) > 0.01  # tau* varies over these tokens
+    r2 = 1 - float(((t - s) ** 2).sum() / ((s - s.mean()) ** 2).sum())
+    assert math.isclose(result["tau std"], float(t.std(unbiased=False)), rel_tol=1e-4,
+                        abs_tol=1e-7)
+    assert math.isclose(result["tau* mean"], float(s.mean()), rel_tol=1e-5)
+    assert math.isclose(result["r2 tau*"], r2, rel_tol=1e-4, abs_tol=1e-6)
+    if arch == "scale_aware":
+        pearson = float(torch.corrcoef(torch.stack([t, s]))[0, 1])
+        assert math.isclose(result["pearson tau*"], pearson, rel_tol=1e-4, abs_tol=1e-6)
+    assert "R^2" in format_eval_table(result)

@@ -13,24 +13,28 @@ from megatron_tempnet.tempnet.config import TempNetConfig
 ATOL = 2e-5  # fp32, different op order between megatron-core and transformers
 
 
-def our_model(single_process, preset, loss_mode, seed):
+def our_model(single_process, preset, loss_mode, seed, arch="paper"):
     torch.manual_seed(seed)
     cfg = load_model_preset(preset, vocab_size=250)  # padded to 256: pad rows are exported
-    tcfg = TempNetConfig(loss_mode=loss_mode, hidden_size=32, tau_min=0.3, tau_max=3.0)
+    tcfg = TempNetConfig(loss_mode=loss_mode, hidden_size=32, tau_min=0.3, tau_max=3.0,
+                         arch=arch, **({"tau0": 0.8} if arch == "scale_aware" else {}))
     model = build_tempnet_model(cfg, tcfg, single_process, seed=seed).eval()
-    with torch.no_grad():  # make pad rows and pooling non-trivial so that mistakes show
+    with torch.no_grad():  # make pad rows, pooling / the output layer non-trivial
         for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.5 if "pool" in name else 0.02))
+            big = "pool" in name or "_out" in name or "w_feat" in name
+            p.add_(torch.randn_like(p) * (0.5 if big else 0.02))
     return model, cfg, tcfg
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt"])
-def test_exported_tempnet_model_matches_ours(single_process, tmp_path, preset):
+@pytest.mark.parametrize("preset,arch", [("tiny-llama", "paper"), ("tiny-gpt", "paper"),
+                                         ("tiny-llama", "scale_aware")])
+def test_exported_tempnet_model_matches_ours(single_process, tmp_path, preset, arch):
     seed = int(torch.randint(0, 2**31, ()).item())
-    model, cfg, tcfg = our_model(single_process, preset, "tempnet_dro", seed)
+    model, cfg, tcfg = our_model(single_process, preset, "tempnet_dro", seed, arch)
     export_hf(str(tmp_path), model_tensors(model), cfg, tcfg)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(hf).__name__.startswith("TempNet") and hf.config.tempnet["tau_max"] == 3.0
+    assert hf.config.tempnet["arch"] == arch and type(hf.tempnet) is type(model.tempnet)
 
     tokens = torch.randint(0, 250, (2, 19))
     with torch.no_grad():

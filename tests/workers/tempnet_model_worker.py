@@ -39,7 +39,7 @@ def run_layout(case: dict, tp: int, pp: int) -> dict:
                           if ctx.is_last_stage else None),
               "grads": {n: p.main_grad.clone() for n, p in model.named_parameters()}}
     if model.tempnet is not None:
-        w1 = model.sharded_state_dict()["tempnet.w1"]
+        w1 = model.sharded_state_dict()["tempnet." + model.tempnet.SHARDED]
         result["w1_sharding"] = (tuple(w1.local_shape), tuple(w1.global_shape),
                                  tuple(w1.global_offset))
     return result
