@@ -5,6 +5,8 @@ Megatron .bin/.idx dataset:
 
 * loss modes come from ``tempnet.config.LOSS_MODES`` (new modes join by themselves); rho is
   swept only for the modes whose gradients depend on it (not :data:`RHO_FREE_LOSS_MODES`);
+* the TempNet modes are run with every design of ``archs`` (``--tempnet-arch``: "paper",
+  "scale_aware"); the other modes have no TempNet and run once;
 * a (loss mode, training mode) pair the trainer's own validation rejects is left out (frozen_lm
   of a mode without TempNet has nothing to train): :func:`mode_supported`;
 * finetune and frozen_lm start from a plain-CE base model per seed (``--load BASE --finetune``),
@@ -52,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_tempnet.config import ConfigError
-from megatron_tempnet.tempnet.config import LOSS_MODES, TRAINING_MODES, TempNetConfig
+from megatron_tempnet.tempnet.config import ARCHS, LOSS_MODES, TRAINING_MODES, TempNetConfig
 
 # Loss modes whose training does not depend on rho: plain CE; the DRO loss at a fixed tau
 # (rho only adds the constant (rho - log V) * tau, tempnet.md 1); TempNet trained with CE(z/tau)
@@ -76,6 +78,8 @@ COLUMNS = (("ppl tau=1", "ppl τ=1", "{:.2f}"),
            ("ece best T", "ECE best T", "{:.4f}"),
            ("own / best T", "own ÷ best T", "{:.3f}"),
            ("own / ce", "own ÷ CE", "{:.3f}"),
+           ("tau std", "τ std", "{:.3f}"),  # the own tau's spread over tokens
+           ("r2 tau*", "R² τ vs τ*", "{:.3f}"),  # tempnet_dro: TempNet's tau vs the exact tau*
            ("accuracy", "top-1", "{:.4f}"),
            ("wall s", "wall s", "{:.0f}"))
 
@@ -101,6 +105,8 @@ class StudyConfig:
     split:           train,valid,test document weights; validation curves come from the valid
                      split, the optional final test evaluation from the test split.
     loss_modes, rhos, training_modes, seeds: the grid axes (rhos: only for rho modes).
+    archs:           the TempNet designs the TempNet loss modes run with (``ARCHS``).
+    tempnet_lr:      TempNet's lr: one number for every design, or {arch: lr}.
     train_iters:     iterations of every grid cell; base_iters: of the CE base model (None:
                      train_iters, so the base is the grid's ce/scratch cell).
     eval_interval, eval_iters: validation evaluation during training (the curves; the last
@@ -121,6 +127,7 @@ class StudyConfig:
     tokenizer_type: str = "sentencepiece"
     split: str = "90,5,5"
     loss_modes: tuple = LOSS_MODES
+    archs: tuple = ARCHS
     rhos: tuple = (8.0,)
     training_modes: tuple = TRAINING_MODES
     seeds: tuple = (1, 2, 3)
@@ -132,7 +139,7 @@ class StudyConfig:
     lr: float = 3e-3
     min_lr: float = 3e-4
     lr_warmup_iters: int = 10
-    tempnet_lr: float = 1e-3
+    tempnet_lr: float | dict = 1e-3
     fixed_tau: float | None = None
     log_interval: int = 10
     eval_interval: int = 20
@@ -150,7 +157,8 @@ class StudyConfig:
 
         if not self.data_path:
             raise bad("data_path", "give the dataset prefix (tools/preprocess_data.py output)")
-        for name, allowed in (("loss_modes", LOSS_MODES), ("training_modes", TRAINING_MODES)):
+        for name, allowed in (("loss_modes", LOSS_MODES), ("training_modes", TRAINING_MODES),
+                              ("archs", ARCHS)):
             values = getattr(self, name)
             if not values or len(set(values)) != len(values):
                 raise bad(name, "must be a non-empty list without repeats")
@@ -172,6 +180,10 @@ class StudyConfig:
                 raise bad(name, "must be an integer >= 0")
         if not isinstance(self.eval_iters, int) or self.eval_iters < 1:
             raise bad("eval_iters", "must be >= 1: the table needs the final validation")
+        lrs = self.tempnet_lr if isinstance(self.tempnet_lr, dict) else {}
+        if set(lrs) - set(ARCHS) or (lrs and set(self.archs) - set(lrs)):
+            raise bad("tempnet_lr", f"give one lr, or one per design of {self.archs} "
+                                    "(e.g. paper=3e-2 scale_aware=1e-2)")
         if self.base_iters is not None and self.base_iters < 1:
             raise bad("base_iters", "must be >= 1 (or left out: train_iters)")
         if not self.cells():
@@ -188,11 +200,17 @@ class StudyConfig:
         cells = []
         for seed in self.seeds:
             for loss in self.loss_modes:
+                archs = self.archs if TempNetConfig(loss_mode=loss).uses_tempnet else (None,)
                 for rho in (self.rhos if mode_uses_rho(loss) else (None,)):
-                    for tmode in self.training_modes:
-                        if mode_supported(loss, tmode):
-                            cells.append(Cell(loss, rho, tmode, seed, self.train_iters))
+                    for arch in archs:
+                        for tmode in self.training_modes:
+                            if mode_supported(loss, tmode):
+                                cells.append(Cell(loss, rho, tmode, seed, self.train_iters,
+                                                  arch))
         return cells
+
+    def tempnet_lr_of(self, arch: str) -> float:
+        return self.tempnet_lr[arch] if isinstance(self.tempnet_lr, dict) else self.tempnet_lr
 
     def base_cell(self, seed: int) -> "Cell":
         return Cell(BASE_LOSS_MODE, None, BASE_TRAINING_MODE, seed,
@@ -221,6 +239,7 @@ class Cell:
     training_mode: str
     seed: int
     train_iters: int
+    arch: str | None = None  # the TempNet design (TempNet loss modes only)
 
     @property
     def needs_base(self) -> bool:
@@ -229,15 +248,18 @@ class Cell:
     @property
     def name(self) -> str:
         rho = "norho" if self.rho is None else f"rho{self.rho:g}"
-        return f"{self.loss_mode}__{rho}__{self.training_mode}__it{self.train_iters}__s{self.seed}"
+        arch = "" if self.arch is None else f"__{self.arch}"
+        return (f"{self.loss_mode}{arch}__{rho}__{self.training_mode}__it{self.train_iters}"
+                f"__s{self.seed}")
 
     @property
     def row_key(self) -> tuple:
-        return (self.loss_mode, self.rho, self.training_mode, self.train_iters)
+        return (self.loss_mode, self.arch, self.rho, self.training_mode, self.train_iters)
 
     def label(self) -> str:
         rho = "" if self.rho is None else f" rho={self.rho:g}"
-        return f"{self.loss_mode}{rho} {self.training_mode} ({self.train_iters} it)"
+        arch = "" if self.arch is None else f" [{self.arch}]"
+        return f"{self.loss_mode}{arch}{rho} {self.training_mode} ({self.train_iters} it)"
 
 
 def default_rho(cfg: "StudyConfig", margin: float = 2.83) -> float:
@@ -278,6 +300,8 @@ def _model_flags(cfg: StudyConfig, cell: Cell) -> list[str]:
              "--tempnet-training-mode", cell.training_mode]
     if cell.rho is not None:
         flags += ["--tempnet-rho", repr(cell.rho)]
+    if cell.arch is not None:
+        flags += ["--tempnet-arch", cell.arch]
     if cfg.fixed_tau is not None and cell.loss_mode == "dro_fixed_tau":
         flags += ["--tempnet-fixed-tau", repr(cfg.fixed_tau)]
     return flags
@@ -297,8 +321,8 @@ def train_command(cfg: StudyConfig, cell: Cell) -> list[str]:
            "--seed", str(cell.seed),
            "--log-interval", str(cfg.log_interval), "--eval-interval", str(cfg.eval_interval),
            "--eval-iters", str(cfg.eval_iters), "--metrics-jsonl", str(d / "metrics.jsonl")]
-    if TempNetConfig(loss_mode=cell.loss_mode).uses_tempnet:  # else unused: keep CE cells
-        cmd += ["--tempnet-lr", repr(cfg.tempnet_lr)]  # (and their fingerprints) TempNet-free
+    if cell.arch is not None:  # TempNet modes only: keep CE cells (and their fingerprints)
+        cmd += ["--tempnet-lr", repr(cfg.tempnet_lr_of(cell.arch))]  # TempNet-free
     if saves_checkpoint(cfg, cell):
         cmd += ["--save", str(d / "ckpt")]
     if cell.needs_base:
@@ -417,6 +441,8 @@ def summarize(metrics: dict) -> dict:
            "ppl best T": m["ppl best T"], "ece best T": m["ece best T"],
            "accuracy": m["accuracy"], "eval tokens": m["eval tokens"],
            "own tau name": own or "tau=1"}
+    out.update({"tau std": m.get("tau std"), "r2 tau*": m.get("r2 tau*"),
+                "pearson tau*": m.get("pearson tau*"), "tau* mean": m.get("tau* mean")})
     if own is None:
         out.update({"ppl own tau": m["ppl tau=1"], "ece own tau": m["ece tau=1"],
                     "own tau": 1.0})
@@ -603,18 +629,19 @@ def aggregate(cfg: StudyConfig, results: dict) -> dict:
             s["own / best T"] = s["ppl own tau"] / s["ppl best T"]
             s["own / ce"] = s["ppl own tau"] / ce_ppl[cell.seed] if cell.seed in ce_ppl else None
     table = []
-    for (loss, rho, tmode, iters), members in rows.items():
+    for (loss, arch, rho, tmode, iters), members in rows.items():
         ok = [r for _, r in members if r["status"] == "ok"]
-        row = {"loss mode": loss, "rho": rho, "training mode": tmode, "iterations": iters,
+        row = {"loss mode": loss, "arch": arch, "rho": rho, "training mode": tmode,
+               "iterations": iters,
                "seeds": [c.seed for c, _ in members], "seeds ok": len(ok),
                "own tau name": ok[0]["summary"]["own tau name"] if ok else None,
                "final split": ok[0]["final split"] if ok else None,
                "error": "; ".join(f"seed {c.seed}: {r['error']}" for c, r in members
                                   if r["status"] != "ok") or None}
         for key, _, _ in COLUMNS:
-            row[key] = _mean_std([r["summary"][key] for r in ok])
+            row[key] = _mean_std([r["summary"].get(key) for r in ok])
         table.append(row)
-    cells = [{k: r[k] for k in ("cell", "loss_mode", "rho", "training_mode", "seed",
+    cells = [{k: r.get(k) for k in ("cell", "loss_mode", "arch", "rho", "training_mode", "seed",
                                 "train_iters", "status", "error", "wall s", "final split",
                                 "summary", "parameters", "command")}
              for r in results.values()]
@@ -638,11 +665,12 @@ def _cell_text(stat: dict, fmt: str) -> str:
 
 def markdown_table(report: dict) -> str:
     """The rows of ``report`` as a Markdown table (mean ± std over seeds)."""
-    header = ["loss mode", "rho", "training", "iters", "seeds ok", "own τ is"]
+    header = ["loss mode", "TempNet", "rho", "training", "iters", "seeds ok", "own τ is"]
     header += [title for _, title, _ in COLUMNS] + ["error"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in report["rows"]:
-        cells = [row["loss mode"], "-" if row["rho"] is None else f"{row['rho']:g}",
+        cells = [row["loss mode"], row.get("arch") or "-",
+                 "-" if row["rho"] is None else f"{row['rho']:g}",
                  row["training mode"], str(row["iterations"]),
                  f"{row['seeds ok']}/{len(row['seeds'])}", row["own tau name"] or "-"]
         cells += [_cell_text(row[key], fmt) for key, _, fmt in COLUMNS]
@@ -672,7 +700,8 @@ def write_tables(cfg: StudyConfig, report: dict) -> None:
 
 def _row_label(row: dict) -> str:
     rho = "" if row["rho"] is None else f" ρ={row['rho']:g}"
-    return f"{row['loss mode']}{rho} {row['training mode']}"
+    arch = f" [{row['arch']}]" if row.get("arch") else ""
+    return f"{row['loss mode']}{arch}{rho} {row['training mode']}"
 
 
 def _mean_curve(curves: list[list[dict]], key: str) -> tuple[list, list, list]:
@@ -703,7 +732,7 @@ def write_plots(cfg: StudyConfig, report: dict, out_dir: Path | None = None) -> 
     for c in report["cells"]:
         if c["status"] == "ok":
             key = _row_label({"loss mode": c["loss_mode"], "rho": c["rho"],
-                              "training mode": c["training_mode"]})
+                              "arch": c.get("arch"), "training mode": c["training_mode"]})
             if c["train_iters"] != cfg.train_iters:
                 key += f" ({c['train_iters']} it)"
             by_row.setdefault(key, []).append(report["curves"][c["cell"]])

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_tempnet.config import ConfigError  # noqa: E402
 from megatron_tempnet.study import (StudyConfig, default_rho, run_study,  # noqa: E402
                                     shell_line, train_command)
-from megatron_tempnet.tempnet.config import LOSS_MODES, TRAINING_MODES  # noqa: E402
+from megatron_tempnet.tempnet.config import ARCHS, LOSS_MODES, TRAINING_MODES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,13 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "vocabulary, as the paper's GPT-2 run)")
     p.add_argument("--training-modes", nargs="+", default=list(TRAINING_MODES),
                    choices=TRAINING_MODES)
+    p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS,
+                   help="TempNet designs (--tempnet-arch) of the TempNet loss modes "
+                        f"(default: {' '.join(ARCHS)})")
+    p.add_argument("--tempnet-lr", nargs="+", default=[repr(d.tempnet_lr)],
+                   help=f"TempNet's lr: one number, or one per design as ARCH=LR "
+                        f"(e.g. paper=3e-2 scale_aware=1e-2); default {d.tempnet_lr}")
     p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds))
     p.add_argument("--train-iters", type=int, default=d.train_iters)
     p.add_argument("--base-iters", type=int, default=None,
                    help="iterations of the CE base model of finetune/frozen_lm "
                         "(default: --train-iters)")
     for name in ("seq_length", "micro_batch_size", "global_batch_size", "lr", "min_lr",
-                 "lr_warmup_iters", "tempnet_lr", "log_interval", "eval_interval",
+                 "lr_warmup_iters", "log_interval", "eval_interval",
                  "eval_iters"):
         default = getattr(d, name)
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
@@ -72,6 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_tempnet_lr(values: list[str]):
+    """["1e-3"] -> 1e-3; ["paper=3e-2", "scale_aware=1e-2"] -> {"paper": 0.03, ...}."""
+    try:
+        if len(values) == 1 and "=" not in values[0]:
+            return float(values[0])
+        pairs = [v.split("=", 1) for v in values]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError
+        return {arch: float(lr) for arch, lr in pairs}
+    except ValueError:
+        raise ConfigError(f"study --tempnet-lr {' '.join(values)!r}: give one number or "
+                          "ARCH=LR pairs (e.g. paper=3e-2 scale_aware=1e-2)") from None
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -87,12 +107,13 @@ def main(argv=None) -> int:
         seeds=tuple(args.seeds), train_iters=args.train_iters, base_iters=args.base_iters,
         seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
         global_batch_size=args.global_batch_size, lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_iters=args.lr_warmup_iters, tempnet_lr=args.tempnet_lr,
+        lr_warmup_iters=args.lr_warmup_iters, archs=tuple(args.archs),
         fixed_tau=args.fixed_tau, log_interval=args.log_interval,
         eval_interval=args.eval_interval, eval_iters=args.eval_iters,
         test_eval_iters=args.test_eval_iters, nproc=args.nproc, extra_args=extra,
         cell_timeout_s=args.cell_timeout)
     try:
+        cfg.tempnet_lr = parse_tempnet_lr(args.tempnet_lr)
         cfg.rhos = tuple(args.rho) if args.rho else (default_rho(cfg),)
         cfg.validate()
     except ConfigError as e:

@@ -1,15 +1,22 @@
-"""A deterministic demo corpus with no download: docstrings of Python standard-library modules.
+"""Deterministic demo corpora with no download, from the Python standard library.
 
-A fixed, sorted list of stdlib modules is walked (module, then the classes and functions it
-defines, by sorted name, with the classes' members); every distinct docstring becomes one JSONL
-document ``{"text": ...}``, followed by the language-reference topics of ``pydoc_data``. The
-same Python version gives the same bytes.
+``--kind docstrings`` (default, ``make demo``'s): a fixed, sorted list of stdlib modules is walked
+(module, then the classes and functions it defines, by sorted name, with the classes' members);
+every distinct docstring becomes one JSONL document ``{"text": ...}``, followed by the
+language-reference topics of ``pydoc_data``.
 
-    python -m megatron_tempnet.data.demo_corpus --output demo.jsonl
+``--kind code`` (a second, different distribution: source code): the same modules' own ``.py``
+files, one document per top-level statement group (a class, a function with its decorators,
+or a run of consecutive other statements), with the module name as a first comment line.
+
+The same Python version gives the same bytes.
+
+    python -m megatron_tempnet.data.demo_corpus --output demo.jsonl [--kind code]
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import inspect
 import json
@@ -128,13 +135,60 @@ def iter_demo_documents() -> Iterator[str]:
         yield f"{name}\n\n{topics[name].strip()}"
 
 
-def write_demo_corpus(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
-    """Write the corpus as JSONL, stopping before ``max_bytes``; returns the bytes written."""
+MAX_CODE_DOC_CHARS = 6000  # longer top-level blocks (a big class) are cut at a line end
+
+
+def _source_blocks(source: str) -> Iterator[str]:
+    """The top-level blocks of a module's source: each class / function (decorators included),
+    and each run of other consecutive top-level statements, as text."""
+    lines = source.splitlines()
+    pending: list[str] = []
+    for node in ast.parse(source).body:
+        start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        text = "\n".join(lines[start - 1:node.end_lineno])
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if pending:
+                yield "\n".join(pending)
+                pending = []
+            yield text
+        else:
+            pending.append(text)
+    if pending:
+        yield "\n".join(pending)
+
+
+def iter_code_documents() -> Iterator[str]:
+    """Every distinct top-level block of the modules' .py sources (``--kind code``) as
+    "# <module>\n<block>", in the modules' fixed order; built-in modules have no source."""
+    seen: set[str] = set()
+    for module_name in iter_module_names():
+        path = getattr(_import(module_name), "__file__", None)
+        if not path or not path.endswith(".py"):
+            continue
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        for block in _source_blocks(source):
+            if len(block) > MAX_CODE_DOC_CHARS:
+                block = block[:block.rfind("\n", 0, MAX_CODE_DOC_CHARS)]
+            if len(block.strip()) >= 40 and block not in seen:
+                seen.add(block)
+                yield f"# {module_name}\n{block}"
+
+
+KINDS = {"docstrings": iter_demo_documents, "code": iter_code_documents}
+
+
+def write_demo_corpus(path: str, max_bytes: int = DEFAULT_MAX_BYTES,
+                      kind: str = "docstrings") -> int:
+    """Write the corpus (``KINDS``) as JSONL, stopping before ``max_bytes``; returns the bytes
+    written."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown corpus kind {kind!r}; choose one of {sorted(KINDS)}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     written = 0
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        for doc in iter_demo_documents():
+        for doc in KINDS[kind]():
             line = (json.dumps({"text": doc}, ensure_ascii=False) + "\n").encode("utf-8")
             if written + len(line) > max_bytes:
                 break
@@ -148,8 +202,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="the .jsonl file to write")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
+    parser.add_argument("--kind", default="docstrings", choices=sorted(KINDS),
+                        help="docstrings (default) or code (the modules' source)")
     args = parser.parse_args(argv)
-    n = write_demo_corpus(args.output, args.max_bytes)
+    n = write_demo_corpus(args.output, args.max_bytes, args.kind)
     print(f"wrote {n} bytes to {args.output}")
 
 

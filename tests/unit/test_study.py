@@ -94,20 +94,37 @@ def _lines(stdout: str, word: str) -> list[str]:
 def test_smoke_study_resumes(tiny_corpus, tmp_path):
     out = tmp_path / "study"
     grid = ["--loss-modes", "ce", "tempnet_dro", "--training-modes", "scratch", "frozen_lm",
-            "--seeds", "1", "2", "--train-iters", "3"]
+            "--seeds", "1", "2", "--train-iters", "3", "--archs", "paper", "scale_aware",
+            "--tempnet-lr", "paper=3e-2", "scale_aware=1e-2"]
     first = _study(tiny_corpus, out, *grid)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    assert len(_lines(first.stdout, ": running")) == 6, first.stdout
+    assert len(_lines(first.stdout, ": running")) == 10, first.stdout
 
     report = json.loads((out / "results.json").read_text())
-    rows = {(r["loss mode"], r["training mode"]): r for r in report["rows"]}
-    assert set(rows) == {("ce", "scratch"), ("tempnet_dro", "scratch"),
-                         ("tempnet_dro", "frozen_lm")}
-    for row in rows.values():
+    by_arch = {(r["loss mode"], r["arch"], r["training mode"]): r for r in report["rows"]}
+    assert set(by_arch) == {("ce", None, "scratch")} | {
+        ("tempnet_dro", a, t) for a in ("paper", "scale_aware") for t in ("scratch", "frozen_lm")}
+    for cell in report["cells"]:  # each design trains with its own lr
+        lr = {"paper": "0.03", "scale_aware": "0.01", None: None}[cell["arch"]]
+        assert (f"--tempnet-lr {lr}" in cell["command"]) if lr else \
+            "--tempnet-lr" not in cell["command"]
+        assert (f"--tempnet-arch {cell['arch']}" in cell["command"]) == bool(cell["arch"])
+    # tau spread over tokens and R^2 against tau* exist for TempNet rows only
+    tempnet_only = ("tau std", "r2 tau*")
+    for row in by_arch.values():
         assert row["seeds ok"] == 2 and row["error"] is None
         for key, _, _ in COLUMNS:  # every column: a mean and a standard deviation
+            if key in tempnet_only and row["arch"] is None:
+                assert row[key]["n"] == 0, (key, row)
+                continue
+            if key == "r2 tau*" and row[key]["n"] == 0:  # tau* without spread: no R^2
+                continue
             assert row[key]["n"] == 2 and math.isfinite(row[key]["mean"]), (key, row)
             assert row[key]["std"] is not None and row[key]["std"] >= 0, (key, row)
+    # at init the scale_aware design has tau0 = 1 for every token: after 3 steps, a spread
+    assert by_arch[("tempnet_dro", "scale_aware", "scratch")]["tau std"]["mean"] > 0
+    rows = {(r["loss mode"], r["training mode"]): r for r in report["rows"]
+            if r["arch"] in (None, "paper")}
     assert rows[("ce", "scratch")]["own tau"]["mean"] == 1.0
     assert rows[("tempnet_dro", "scratch")]["own tau name"] == "tempnet"
     assert rows[("tempnet_dro", "scratch")]["rho"] == 4.0 and rows[("ce", "scratch")]["rho"] is None
@@ -115,7 +132,8 @@ def test_smoke_study_resumes(tiny_corpus, tmp_path):
     for row in rows.values():
         assert row["ppl best T"]["mean"] <= row["ppl tau=1"]["mean"] * (1 + 1e-9)
     # frozen_lm trains TempNet on the seed's CE base: its LM (tau = 1) is the base's, exactly
-    cells = {(c["loss_mode"], c["training_mode"], c["seed"]): c for c in report["cells"]}
+    cells = {(c["loss_mode"], c["training_mode"], c["seed"]): c for c in report["cells"]
+             if c["arch"] in (None, "paper")}
     for seed in (1, 2):
         frozen = cells[("tempnet_dro", "frozen_lm", seed)]["summary"]["ppl tau=1"]
         base = cells[("ce", "scratch", seed)]["summary"]["ppl tau=1"]
@@ -129,7 +147,8 @@ def test_smoke_study_resumes(tiny_corpus, tmp_path):
     header = next(ln for ln in md.splitlines() if ln.startswith("| loss mode"))
     for _, title, _ in COLUMNS:
         assert f" {title} |" in header
-    assert len([ln for ln in md.splitlines() if ln.startswith("| ")]) == 1 + 3
+    assert len([ln for ln in md.splitlines() if ln.startswith("| ")]) == 1 + 5
+    assert "| tempnet_dro | scale_aware | 4 |" in md
     assert "±" in md and "valid_curves.png" in md
     for name in ("valid_curves.png", "tau_histograms.png"):
         data = (out / "plots" / name).read_bytes()
@@ -137,7 +156,7 @@ def test_smoke_study_resumes(tiny_corpus, tmp_path):
 
     # resume: nothing finished is rerun; a deleted cell is
     results = {p.parent.name: p for p in (out / "cells").glob(f"*/{RESULT_FILE}")}
-    assert len(results) == 6
+    assert len(results) == 10
     mtimes = {name: p.stat().st_mtime_ns for name, p in results.items()}
     deleted = cells[("tempnet_dro", "scratch", 2)]["cell"]
     shutil.rmtree(out / "cells" / deleted)
@@ -145,13 +164,13 @@ def test_smoke_study_resumes(tiny_corpus, tmp_path):
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     rerun = _lines(second.stdout, ": running")
     assert len(rerun) == 1 and deleted in rerun[0], second.stdout
-    assert len(_lines(second.stdout, "finished earlier, not rerun")) == 5, second.stdout
+    assert len(_lines(second.stdout, "finished earlier, not rerun")) == 9, second.stdout
     for name, mtime in mtimes.items():
         if name != deleted:
             assert results[name].stat().st_mtime_ns == mtime, name
     assert (out / "cells" / deleted / RESULT_FILE).exists()
     again = json.loads((out / "results.json").read_text())
-    assert [r["seeds ok"] for r in again["rows"]] == [2, 2, 2]
+    assert [r["seeds ok"] for r in again["rows"]] == [2] * 5
 
 
 def test_crashing_cell_is_recorded(tiny_corpus, tmp_path):
