@@ -100,11 +100,54 @@ def build(run: RunConfig, start_time: float | None = None) -> Trainer:
         checkpointer = Checkpointer(ck, chunks, optimizer, scheduler, ctx,
                                     run_record(run.model, run.tempnet, tr, ctx), log=log)
     iteration, consumed = checkpointer.load()
+    if iteration == 0 and step is None:  # a fresh frozen_lm run: TempNet's start (see below)
+        calibrate_initial_tau(run, chunks, optimizer, ctx, lambda: build_micro_batch_iterator(
+            train_ds, tr.micro_batch_size, tr.global_batch_size, ctx.dp_rank, ctx.dp_size))
     batches.load_state_dict({"consumed_samples": consumed})
     return Trainer(run, ctx, chunks, optimizer, scheduler, batches, checkpointer,
                    RunControl(ck, start_time=start_time, device=ctx.device),
                    TrainState(iteration=iteration, consumed_samples=consumed),
                    _callbacks(run, chunks, valid_batches, ctx), step)
+
+
+def calibrate_initial_tau(run: RunConfig, chunks: list, optimizer, ctx: ParallelContext,
+                          training_batches) -> float | None:
+    """--tempnet-arch scale_aware with --tempnet-training-mode frozen_lm and no --tempnet-tau0:
+    start TempNet at the frozen LM's best single global temperature, measured (training/
+    evaluate.py's grid search) on the first ``--eval-iters`` global batches of the TRAINING
+    split (never the validation split), so that TempNet learns per-token corrections to the
+    best constant. Only a head still at its init (not loaded from a checkpoint) is moved; the
+    optimizer's main parameters are reloaded from the model. ``training_batches()``: a fresh
+    iterator over this DP rank's training micro-batches from the first sample (the run's own
+    iterator is not touched). Returns the tau set (or None)."""
+    from megatron_tempnet.tempnet.head import ScaleAwareTempNetHead, start_at_tau
+    from megatron_tempnet.training.evaluate import evaluate
+
+    cfg, tr = run.tempnet, run.train
+    head = getattr(_unwrap(chunks[-1]), "tempnet", None)
+    if not (cfg.training_mode == "frozen_lm" and cfg.tau0 is None
+            and isinstance(head, ScaleAwareTempNetHead)):
+        return None
+    if head.w_out.count_nonzero() or head.w_out_feat.count_nonzero() or float(head.b_out):
+        return None  # TempNet came from the checkpoint
+    n = run.eval.eval_iters or 10
+    metrics = evaluate(chunks, iter(training_batches()), n, ctx, seq_length=tr.seq_length,
+                       micro_batch_size=tr.micro_batch_size,
+                       num_microbatches=tr.num_microbatches(ctx.dp_size), config=run.eval)
+    tau = start_at_tau(head, metrics["best T"])
+    optimizer.reload_model_params()  # main (fp32 / sharded) copies follow the model
+    if ctx.rank == 0:
+        log(f"TempNet starts at tau {tau:.4f}: the frozen LM's best global temperature on the "
+            f"first {n} training batches (ppl {metrics['ppl tau=1']:.3f} at tau 1, "
+            f"{metrics['ppl best T']:.3f} at T {metrics['best T']:.4f}); --tempnet-tau0 sets "
+            "it by hand")
+    return tau
+
+
+def _unwrap(module):
+    while hasattr(module, "module"):  # DDP, Float16Module
+        module = module.module
+    return module
 
 
 def _callbacks(run: RunConfig, chunks: list, valid_batches, ctx: ParallelContext) -> list:

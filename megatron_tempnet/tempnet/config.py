@@ -50,8 +50,11 @@ class TempNetConfig:
     arch:         ``--tempnet-arch`` "paper" (default: the authors' TempNet, exactly) or
                   "scale_aware" (features that carry the logits' scale and shape, tau in log
                   space starting at ``tau0``; see ``ARCHS`` and docs/tempnet_design.md).
-    tau0:         scale_aware only: tau of every token at initialisation (None: 1.0, or 1.0
-                  clamped into the bounds); must lie strictly inside (tau_min, tau_max).
+    tau0:         scale_aware only: tau of every token at initialisation; must lie strictly
+                  inside (tau_min, tau_max). None (default, ``initial_tau``): 1 (the geometric
+                  mean of the bounds when they exclude 1), and with training_mode "frozen_lm"
+                  the trainer starts TempNet at the frozen LM's best global temperature on its
+                  first training batches instead (train.py ``calibrate_initial_tau``).
     hidden_size:  M, the width of W1 (M x V) and W2 (M x M) (scale_aware: of its hidden layer).
     dropout:      dropout probability after the first hidden layer (None: the design's
                   default, ``ARCH_DEFAULTS``: 0.5 for "paper", as upstream; 0 for "scale_aware").
@@ -106,12 +109,6 @@ class TempNetConfig:
         for name, value in ARCH_DEFAULTS.get(self.arch, {}).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        if self.arch == "scale_aware" and self.tau0 is None:
-            try:  # 1, or the geometric mean of bounds that exclude 1 (bad bounds: validate())
-                inside = self.tau_min < 1.0 < self.tau_max
-                self.tau0 = 1.0 if inside else math.sqrt(self.tau_min * self.tau_max)
-            except (TypeError, ValueError):
-                pass
 
     def validate(self) -> "TempNetConfig":
         """Raise ConfigError naming the field (and its flag), the value and the fix."""
@@ -146,17 +143,17 @@ class TempNetConfig:
             raise bad("tau0", "only --tempnet-arch scale_aware has a chosen initial tau (the "
                               "paper's head starts at the midpoint of the bounds); drop "
                               "--tempnet-tau0 or add --tempnet-arch scale_aware")
-        if self.arch == "scale_aware":
+        if self.arch == "scale_aware" and self.tau0 is not None:
             tau0 = self.tau0
             if isinstance(tau0, bool) or not isinstance(tau0, (int, float)) \
                     or not math.isfinite(tau0) or not self.tau_min < tau0 < self.tau_max:
                 raise bad("tau0", f"must lie strictly inside the tau bounds ({self.tau_min!r}, "
                                   f"{self.tau_max!r}) so that tau can move both ways; "
                                   "change --tempnet-tau0 or the bounds")
-            if self.input_convention != "raw":
-                raise bad("input_convention", "applies to --tempnet-arch paper only; "
-                                              "scale_aware always centres the logits (it is "
-                                              "shift-invariant): drop the flag")
+        if self.arch == "scale_aware" and self.input_convention != "raw":
+            raise bad("input_convention", "applies to --tempnet-arch paper only; "
+                                          "scale_aware always centres the logits (it is "
+                                          "shift-invariant): drop the flag")
         if self.lr < 0:
             raise bad("lr", "must be >= 0")
         if self.weight_decay < 0:
@@ -183,6 +180,14 @@ class TempNetConfig:
         """(tau_min, tau_max), the range of the model's per-token tau (the tau histograms' bins);
         None for loss_mode "ce", which has no tau."""
         return None if self.loss_mode == "ce" else (self.tau_min, self.tau_max)
+
+    @property
+    def initial_tau(self) -> float:
+        """The scale_aware head's tau at init: ``tau0``, or (None) 1 when inside the bounds,
+        else their geometric mean."""
+        if self.tau0 is not None:
+            return float(self.tau0)
+        return 1.0 if self.tau_min < 1.0 < self.tau_max else math.sqrt(self.tau_min * self.tau_max)
 
     @property
     def uses_tempnet(self) -> bool:

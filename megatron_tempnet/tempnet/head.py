@@ -187,7 +187,8 @@ class _VocabParallelHead(nn.Module):
         c = self.config
         return (f"arch={c.arch}, V={self.vocab_size}, tp={self.tp_rank}/{self.tp_size}, "
                 f"M={c.hidden_size}, tau=[{c.tau_min}, {c.tau_max}], "
-                + (f"input={c.input_convention}, " if c.arch == "paper" else f"tau0={c.tau0}, ")
+                + (f"input={c.input_convention}, " if c.arch == "paper"
+                   else f"tau0={c.initial_tau}, ")
                 + f"dropout={c.dropout}")
 
 
@@ -255,11 +256,27 @@ def scale_aware_init_params(config: TempNetConfig, vocab_size: int, seed: int,
     return {key: v.to(dtype) for key, v in params.items()}
 
 
-def log_tau_offset(config: TempNetConfig) -> float:
-    """o0 with log tau0 = log tau_min + (log tau_max - log tau_min) * sigmoid(o0)."""
+def log_tau_offset(config: TempNetConfig, tau: float | None = None) -> float:
+    """o with log tau = log tau_min + (log tau_max - log tau_min) * sigmoid(o); tau None: the
+    initial tau (``config.initial_tau``), i.e. o0."""
     lo, hi = math.log(config.tau_min), math.log(config.tau_max)
-    frac = (math.log(config.tau0) - lo) / (hi - lo)
+    frac = (math.log(config.initial_tau if tau is None else tau) - lo) / (hi - lo)
     return math.log(frac / (1.0 - frac))
+
+
+@torch.no_grad()
+def start_at_tau(head: "ScaleAwareTempNetHead", tau: float) -> float:
+    """Move a scale_aware head still at its init (zero output layer: tau = tau0 everywhere) to
+    tau for every token, through b_out (the config is not changed); tau is clamped 1e-3
+    (relative, in log space) inside the bounds. Returns the tau set."""
+    cfg = head.config
+    if head.w_out.count_nonzero() or head.w_out_feat.count_nonzero():
+        raise ValueError("start_at_tau: the head's output layer is no longer at its init")
+    lo, hi = math.log(cfg.tau_min), math.log(cfg.tau_max)
+    margin = 1e-3 * (hi - lo)
+    tau = math.exp(min(max(math.log(tau), lo + margin), hi - margin))
+    head.b_out.fill_(log_tau_offset(cfg, tau) - log_tau_offset(cfg))
+    return tau
 
 
 def tau_from_log_space(o: torch.Tensor, config: TempNetConfig) -> torch.Tensor:
@@ -293,6 +310,7 @@ class ScaleAwareTempNetHead(_VocabParallelHead):
       h = tanh(w_dir x + w_feat f + b_hidden);  dropout (default 0)               [M]
       o = w_out . h + w_out_feat . f + b_out                                      []
       tau = exp(log tau_min + (log tau_max - log tau_min) * sigmoid(o + o0)),  tau(o = 0) = tau0
+    (``config.initial_tau``; :func:`start_at_tau` moves an untrained head to another start)
 
     Vocab-parallel: all-reduce(max) of the row maxima [t], then ONE packed all-reduce(sum) of
     [w_dir u, sum u^2, sum u, S, A, B] [t, M + 5] with the row sums of this rank's w_dir columns

@@ -164,6 +164,6 @@ def scale_aware_reference(logits_full: torch.Tensor, params: dict, config: TempN
         h = h * dropout_mask.to(dtype)
     o = h @ p["w_out"] + feats @ p["w_out_feat"] + p["b_out"]
     lo, hi = math.log(config.tau_min), math.log(config.tau_max)
-    start = (math.log(config.tau0) - lo) / (hi - lo)  # sigmoid(o0) = start
+    start = (math.log(config.initial_tau) - lo) / (hi - lo)  # sigmoid(o0) = start
     o0 = math.log(start) - math.log1p(-start)
     return torch.exp(lo + (hi - lo) * torch.sigmoid(o + o0))

@@ -85,8 +85,9 @@ def test_scale_aware_init_starts_at_tau0_for_every_input(seed):
         torch.testing.assert_close(tau, torch.full_like(tau, tau0), rtol=1e-12, atol=0)
     assert head.w_dir.tensor_model_parallel and head.w_dir.partition_dim == 1
     # the default tau0: 1 inside the bounds, else their geometric mean
-    assert TempNetConfig(arch="scale_aware").tau0 == 1.0
-    assert TempNetConfig(arch="scale_aware", tau_min=2.0, tau_max=8.0).tau0 == 4.0
+    assert TempNetConfig(arch="scale_aware").initial_tau == 1.0
+    assert TempNetConfig(arch="scale_aware", tau_min=2.0, tau_max=8.0).initial_tau == 4.0
+    assert TempNetConfig(arch="scale_aware", tau0=0.7).initial_tau == 0.7
     cfg = TempNetConfig(arch="scale_aware")
     assert cfg.dropout == 0.0 and cfg.lr == 1e-3
     assert TempNetConfig().dropout == 0.5 and TempNetConfig().lr == 2e-6  # the paper's
@@ -240,3 +241,19 @@ def test_checkpoint_of_one_design_refuses_the_other():
     assert not shape_mismatches(legacy, record, finetune=False)
     # --finetune loads the LM only: the other design's TempNet starts from its init
     assert not shape_mismatches(record, other, finetune=True)
+
+
+def test_start_at_tau_moves_an_untrained_head_only(seed):
+    from megatron_tempnet.tempnet.head import start_at_tau
+
+    head = scale_aware(seed, perturb=False, tau_min=0.1, tau_max=10.0)
+    z = random_logits(seed)
+    for target in (0.37, 1.0, 4.2):
+        assert start_at_tau(head, target) == pytest.approx(target)
+        torch.testing.assert_close(head(z).detach(), torch.full((z.shape[0],), target,
+                                                                dtype=z.dtype))
+    assert start_at_tau(head, 50.0) < 10.0  # clamped inside the bounds
+    with torch.no_grad():
+        head.w_out.add_(0.1)
+    with pytest.raises(ValueError, match="no longer at its init"):
+        start_at_tau(head, 1.0)

@@ -182,3 +182,44 @@ def test_training_tau_histogram_covers_the_log_window(single_process, tmp_path):
     assert [sum(r["tau histogram"]) for r in lines] == [windows[i] for i in (3, 6, 7)]
     assert lines[0]["tau histogram edges"] == edges
     assert all("tau histogram edges" not in r for r in lines[1:])
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_frozen_lm_scale_aware_starts_at_the_best_global_temperature(single_process,
+                                                                      distributed):
+    """No --tempnet-tau0 with frozen_lm: TempNet starts at the frozen LM's best global T on the
+    first training batches (every token), and trains on from there (the optimizer's copy of
+    b_out follows the model: the first update moves it from the calibrated value)."""
+    from megatron_tempnet.arguments import RunConfig
+    from megatron_tempnet.train import calibrate_initial_tau
+    from megatron_tempnet.training.evaluate import EvalConfig, evaluate
+
+    tcfg = TempNetConfig(loss_mode="tempnet_ce", training_mode="frozen_lm", hidden_size=32,
+                         arch="scale_aware", lr=1e-3, tau_min=0.05, tau_max=20.0)
+    tr = TrainConfig(micro_batch_size=4, global_batch_size=8, seq_length=16, train_iters=1,
+                     lr=1e-3, min_lr=1e-3, lr_warmup_iters=0)
+    run = RunConfig(train=tr, tempnet=tcfg, eval=EvalConfig(eval_iters=2))
+    model, chunks, optimizer, scheduler = setup(single_process, tcfg, tr, distributed)
+    with torch.no_grad():  # an untrained LM made sharp: its best global T is the grid's top
+        model.output_layer.weight.mul_(6.0)
+    probe = lambda: noisy_cycle_batches(4, 16, seed=9)  # noqa: E731
+    tau = calibrate_initial_tau(run, chunks, optimizer, single_process, probe)
+    best = evaluate(chunks, iter(probe()), 2, single_process, seq_length=16, micro_batch_size=4,
+                    num_microbatches=2, config=run.eval)["best T"]
+    top = math.exp(math.log(20.0) - 1e-3 * math.log(20.0 / 0.05))  # clamped inside the bounds
+    assert best > 10 and tau == pytest.approx(min(best, top), rel=1e-6)
+    batch = next(noisy_cycle_batches(4, 16, seed=1))
+    model.eval()
+    with torch.no_grad():
+        logits = model(batch["tokens"], batch["position_ids"], None)
+        torch.testing.assert_close(model.tempnet(logits), torch.full((4, 16), tau), rtol=1e-5,
+                                   atol=0)
+    model.train()
+    start = float(model.tempnet.b_out)
+    train(chunks, optimizer, scheduler, noisy_cycle_batches(4, 16), tr, single_process,
+          log=lambda _: None)
+    assert float(model.tempnet.b_out) != start and abs(float(model.tempnet.b_out) - start) < 0.01
+    # a head that is not at its init (resumed, loaded) and an explicit tau0 are left alone
+    assert calibrate_initial_tau(run, chunks, optimizer, single_process, probe) is None
+    explicit = RunConfig(train=tr, tempnet=TempNetConfig(**{**tcfg.__dict__, "tau0": 1.0}))
+    assert calibrate_initial_tau(explicit, chunks, optimizer, single_process, probe) is None
