@@ -12,7 +12,7 @@ from the start of its pipeline stage) and holds a slice of each tensor-parallel 
 | linear_fc1 (weight, bias)               | rows; with SwiGLU each of [gate; up] separately |
 | linear_proj, linear_fc2 (weight)        | columns       |
 | norms, row-parallel biases, positions   | replicated    |
-| tempnet.w1 / tempnet.w_dir (TempNet head, last stage; paper / scale_aware) | columns (vocab, like the output layer's rows) |
+| tempnet.w1 / tempnet.w_dir (TempNet, last stage) | columns (vocab, as the output rows) |
 | tempnet.* other (b1, w2, ... / w_feat, ...) | replicated    |
 
 Used by tests (load one set of weights at any layout) and by checkpoint conversion.

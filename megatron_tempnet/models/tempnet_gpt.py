@@ -63,8 +63,8 @@ class TempNetGPTModel(GPTModel):
     pipeline stage only and only with a loss mode of ``TEMPNET_LOSS_MODES`` ("tempnet_dro",
     "tempnet_ce"); its W1 is sharded by vocabulary columns like the output layer
     (``models.sharding.tp_split_dim``), and megatron-core's ``sharded_state_dict`` recursion
-    reaches the head's ``sharded_state_dict`` (``--tempnet-arch``: tempnet/head.py HEADS) (so checkpoints hold it). "dro_exact" and
-    "dro_fixed_tau" have no parameter beyond the LM's.
+    reaches the head's ``sharded_state_dict`` (``--tempnet-arch``: tempnet/head.py HEADS), so
+    checkpoints hold it. "dro_exact" and "dro_fixed_tau" have no parameter beyond the LM's.
     """
 
     def __init__(self, *args, tempnet_config: TempNetConfig, tempnet_seed: int = 0, **kwargs):

@@ -245,8 +245,8 @@ def train_metrics(reduced: dict, *, lr: float, grad_norm, elapsed_s: float, iter
     """The full train metrics dict of one logged iteration from the loop's pieces.
 
     reduced: the loop's logged metrics (``step.global_metrics(...)`` as floats: "lm loss", and
-    with the DRO loss "dro loss", "tempered ce", "tau", "tau std", "tau min", "tau max"; in fp16 "loss
-    scale", "skipped iterations"; "tau histogram" {"edges", "counts"}, passed on as it is); adds
+    with the DRO loss "dro loss", "tempered ce", "tau", "tau std", "tau min", "tau max"; in
+    fp16 "loss scale", "skipped iterations"; "tau histogram" {"edges", "counts"}, passed on as it is); adds
     lr, ppl, grad norm, tokens/s, TFLOP/s/GPU, MFU (with a peak), ms/iter and memory
     (training/flops.py).
     """
