@@ -121,10 +121,10 @@ def calibrate_initial_tau(run: RunConfig, chunks: list, optimizer, ctx: Parallel
     iterator over this DP rank's training micro-batches from the first sample (the run's own
     iterator is not touched). Returns the tau set (or None)."""
     from megatron_tempnet.tempnet.head import ScaleAwareTempNetHead, start_at_tau
-    from megatron_tempnet.training.evaluate import evaluate
+    from megatron_tempnet.training.evaluate import evaluate, unwrap_model
 
     cfg, tr = run.tempnet, run.train
-    head = getattr(_unwrap(chunks[-1]), "tempnet", None)
+    head = getattr(unwrap_model(chunks[-1]), "tempnet", None)
     if not (cfg.training_mode == "frozen_lm" and cfg.tau0 is None
             and isinstance(head, ScaleAwareTempNetHead)):
         return None
@@ -142,12 +142,6 @@ def calibrate_initial_tau(run: RunConfig, chunks: list, optimizer, ctx: Parallel
             f"{metrics['ppl best T']:.3f} at T {metrics['best T']:.4f}); --tempnet-tau0 sets "
             "it by hand")
     return tau
-
-
-def _unwrap(module):
-    while hasattr(module, "module"):  # DDP, Float16Module
-        module = module.module
-    return module
 
 
 def _callbacks(run: RunConfig, chunks: list, valid_batches, ctx: ParallelContext) -> list:

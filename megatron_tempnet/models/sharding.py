@@ -26,7 +26,7 @@ import torch
 from megatron_tempnet.config import ModelConfig
 from megatron_tempnet.tempnet.head import HEADS
 
-# the one vocab-sharded tensor of each TempNet design (tempnet.md 3): "w1" / "w_dir" [M, V/tp]
+# the one vocab-sharded tensor of each TempNet design (tempnet/head.py HEADS): "w1" / "w_dir" [M, V/tp]
 TEMPNET_SHARDED = tuple(f"tempnet.{cls.SHARDED}" for cls in HEADS.values())
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")

@@ -256,7 +256,8 @@ def _eval_forward_step(loss_func, batches_seen, data_iterator, model):
     return output, partial(loss_func, batch)
 
 
-def _unwrap(module):
+def unwrap_model(module):
+    """The model inside its wrappers (DDP, Float16Module)."""
     while hasattr(module, "module"):  # DDP, Float16Module
         module = module.module
     return module
@@ -267,7 +268,7 @@ def _run_pass(model_chunks, batches, layout, ctx, *, num_microbatches, seq_lengt
     """One forward-only pass; this rank's DP-reduced sums (last stage) or None, and the batches."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    model = _unwrap(model_chunks[-1])
+    model = unwrap_model(model_chunks[-1])
     cfg = getattr(model, "tempnet_config", None)
     tau_range = (cfg.tau_min, cfg.tau_max) if cfg is not None else (0.0, 1.0)
     loss_func = partial(_micro_batch_sums, layout, model, ctx.tp_group, tau_range)
@@ -310,7 +311,7 @@ def evaluate(model_chunks: list, batches, num_batches: int, ctx, *, seq_length: 
     passes, sorted by T). The model is run in eval mode and put back in its previous mode.
     """
     config = (config or EvalConfig()).validate()
-    model = _unwrap(model_chunks[-1])
+    model = unwrap_model(model_chunks[-1])
     tcfg = getattr(model, "tempnet_config", None)
     token_tau = own_tau_name(tcfg) is not None
     fixed = tcfg.fixed_tau if tcfg is not None and tcfg.loss_mode == "dro_fixed_tau" else None

@@ -246,8 +246,8 @@ def train_metrics(reduced: dict, *, lr: float, grad_norm, elapsed_s: float, iter
 
     reduced: the loop's logged metrics (``step.global_metrics(...)`` as floats: "lm loss", and
     with the DRO loss "dro loss", "tempered ce", "tau", "tau std", "tau min", "tau max"; in
-    fp16 "loss scale", "skipped iterations"; "tau histogram" {"edges", "counts"}, passed on as it is); adds
-    lr, ppl, grad norm, tokens/s, TFLOP/s/GPU, MFU (with a peak), ms/iter and memory
+    fp16 "loss scale", "skipped iterations"; "tau histogram" {"edges", "counts"}, passed on as
+    it is); adds lr, ppl, grad norm, tokens/s, TFLOP/s/GPU, MFU (with a peak), ms/iter and memory
     (training/flops.py).
     """
     from megatron_tempnet.training.flops import memory_metrics, throughput_metrics
