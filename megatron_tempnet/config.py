@@ -21,7 +21,14 @@ ATTENTION_BACKENDS = ("sdpa", "local")
 
 
 class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the flag and the fix."""
+    """A bad input (a configuration value that cannot work, corrupt or foreign data, a
+    checkpoint that does not fit the run); the message names the flag or file and the fix.
+    Commands end with it as one line (``megatron_tempnet/cli.py``). ``rank_local``: only this
+    rank can see the problem (it prints the line itself)."""
+
+    def __init__(self, message: str, *, rank_local: bool = False):
+        super().__init__(message)
+        self.rank_local = rank_local
 
 
 @dataclass

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from megatron_tempnet.config import ConfigError
+
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8
@@ -34,7 +36,7 @@ CHUNK_ITEMS = 1 << 20
 TMP_SUFFIX = ".tmp"
 
 
-class CorruptDatasetError(ValueError):
+class CorruptDatasetError(ConfigError):
     """A .bin/.idx pair that is missing, truncated or not in the indexed-dataset format."""
 
 
