@@ -7,18 +7,19 @@ A run YAML has one mapping per section (``model:``, ``parallel:``, ``train:``, `
 ``tempnet:``, ``checkpoint:``) whose keys are field names. Flags are ``--field-name`` (a boolean
 flag alone means true, as Megatron-LM's ``--finetune``); TempNet fields carry a
 ``--tempnet-`` prefix; a few keep Megatron-LM's historic spelling (see ``_SECTION_PREFIX``).
+Every value, flag or YAML, is converted to its field's type (config.coerce); :func:`resolve`
+then checks the whole run for a world size before any process group or dataset exists.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import yaml
 
 from megatron_tempnet.config import (ConfigError, ModelConfig, ParallelConfig, TrainConfig,
-                                     from_dict, load_model_preset)
+                                     coerce_fields, from_dict, load_model_preset, load_yaml)
+from megatron_tempnet.parallel.runtime import validate_layout
 from megatron_tempnet.data.config import DataConfig
 from megatron_tempnet.tempnet.config import TempNetConfig
 from megatron_tempnet.training.checkpointing import CheckpointConfig
@@ -54,16 +55,8 @@ def flag_name(section: str, name: str) -> str:
                            "--" + _SECTION_PREFIX.get(section, "") + name.replace("_", "-"))
 
 
-def _yaml_scalar(text: str):
-    """A command-line value: int, float (1e-4 too, which YAML 1.1 reads as a string),
-    true/false/null, or else the string itself."""
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    value = yaml.safe_load(text)
-    return value if isinstance(value, (bool, type(None))) else text
+def _flag_label(section: str):
+    return lambda name: flag_name(section, name)
 
 
 def all_flags() -> dict[str, tuple[str, str]]:
@@ -90,33 +83,79 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int,
                         help=argparse.SUPPRESS)
     for flag, (section, name) in all_flags().items():
-        f = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
-        is_list, is_bool = "list" in str(f.type), str(f.type) == "bool"
-        parser.add_argument(flag, dest=f"{section}.{name}", type=str if is_list else _yaml_scalar,
+        hint = typing.get_type_hints(SECTIONS[section])[name]
+        is_list, is_bool = typing.get_origin(hint) is list, hint is bool
+        # values stay strings here: parse_args converts them by the field's type (config.coerce)
+        parser.add_argument(flag, dest=f"{section}.{name}",
                             nargs="+" if is_list else "?" if is_bool else None,
                             const=True if is_bool else None, metavar=name.upper())
     return parser
 
 
 def parse_args(argv=None) -> RunConfig:
+    """preset -> --config run YAML -> flags, each value converted to its field's type; errors
+    name the flag (``flag_name``) for run values and the preset file for preset values."""
     ns = vars(build_parser().parse_args(argv))
     values: dict[str, dict] = {s: {} for s in SECTIONS}
     if "config" in ns:
-        run_yaml = yaml.safe_load(Path(ns["config"]).read_text()) or {}
+        path = ns["config"]
+        run_yaml = load_yaml(path, "--config")
         unknown = sorted(set(run_yaml) - set(SECTIONS) - {"preset"})
         if unknown:
-            raise ConfigError(f"{ns['config']}: unknown section(s) {unknown}; sections are "
+            raise ConfigError(f"{path}: unknown section(s) {unknown}; sections are "
                               f"{sorted(SECTIONS)} (and 'preset')")
-        for section in SECTIONS:
-            values[section].update(run_yaml.get(section) or {})
-        ns.setdefault("model", run_yaml.get("preset"))
+        for section, cls in SECTIONS.items():
+            body = run_yaml.get(section)
+            if body is not None and not isinstance(body, dict):
+                raise ConfigError(f"--config {path}: section {section!r} must be a mapping of "
+                                  f"{cls.__name__} fields (field: value lines), got a "
+                                  f"{type(body).__name__} {body!r}")
+            values[section].update(body or {})
+        preset = run_yaml.get("preset")
+        if preset is not None and not isinstance(preset, str):
+            raise ConfigError(f"--config {path}: preset {preset!r} must be a preset name or a "
+                              "path to a .yaml file")
+        ns.setdefault("model", preset)
     for key, value in ns.items():
         if "." in key:
             section, name = key.split(".", 1)
             values[section][name] = value
     preset = ns.get("model")
-    model = (load_model_preset(preset, **values["model"]) if preset
-             else from_dict(ModelConfig, values["model"], "model"))
-    return RunConfig(model=model, **{s: from_dict(SECTIONS[s], values[s], s)
+    if preset:  # run values are typed (and named by flag) before the preset's own values
+        model = load_model_preset(preset, **coerce_fields(ModelConfig, values["model"],
+                                                          _flag_label("model")))
+    else:
+        model = from_dict(ModelConfig, values["model"], "model", _flag_label("model"))
+    return RunConfig(model=model, **{s: from_dict(SECTIONS[s], values[s], s, _flag_label(s))
                                      for s in SECTIONS if s != "model"})
+
+
+def resolve(run: RunConfig, world_size: int) -> RunConfig:
+    """Check the whole run for ``world_size`` processes, before any process group, tokenizer
+    load or dataset: every section's validate and every cross-section rule (layout, batch
+    divisibility by the data-parallel size, heads/layers by TP/PP, --seq-length within
+    --max-position-embeddings, frozen_lm with PP = 1, --tempnet-rho below log V). The caller
+    sets ``run.model.vocab_size`` from the tokenizer first (the rho rule needs it; None skips
+    it). Raises ConfigError; returns ``run`` unchanged (calling it again is harmless)."""
+    par = run.parallel.validate()
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    try:
+        dp = validate_layout(world_size, tp, pp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model, tr = run.model.validate(tp, pp), run.train.validate(dp)
+    tempnet = run.tempnet.validate(vocab_size=model.vocab_size)
+    for section in (run.checkpoint, run.eval, run.logging, run.deepspeed):
+        section.validate()
+    if tr.seq_length > model.max_position_embeddings:
+        raise ConfigError(f"--seq-length {tr.seq_length} exceeds --max-position-embeddings "
+                          f"{model.max_position_embeddings}: the {model.family} model has "
+                          f"positions for {model.max_position_embeddings} tokens only; raise "
+                          "--max-position-embeddings or lower --seq-length")
+    # the same rule as models/tempnet_gpt.py build_tempnet_model, before any process group
+    if pp > 1 and tempnet.training_mode == "frozen_lm":
+        raise ConfigError("--tempnet-training-mode frozen_lm needs "
+                          "--pipeline-model-parallel-size 1 (only the last stage has TempNet); "
+                          "use tensor or data parallelism instead")
+    return run
 

@@ -1,12 +1,16 @@
 """Configuration dataclasses. Values flow one way: YAML preset -> overrides -> dataclass.
 
-Each dataclass validates its own fields (``validate``) and errors name the flag, the value and
-the fix. Presets live in ``configs/models/<name>.yaml`` at the repository root.
+Every value from YAML or the command line is converted to its field's annotated type once
+(:func:`coerce`, through :func:`from_dict`). Each dataclass validates its own fields
+(``validate``) and errors name the flag, the value and the fix. Presets live in
+``configs/models/<name>.yaml`` at the repository root.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +83,21 @@ class ModelConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"--attention-backend {self.attention_backend!r} is unknown; "
                               f"choose one of {ATTENTION_BACKENDS}")
+        require_int(self, "num_layers", 1, "transformer layers")
+        require_int(self, "hidden_size", 1, "model width")
+        require_int(self, "num_attention_heads", 1, "attention heads")
+        require_int(self, "num_query_groups", 1, "key/value head groups")
+        require_int(self, "ffn_hidden_size", 1, "MLP width")
+        if self.vocab_size is not None:
+            require_int(self, "vocab_size", 1, "tokens in the vocabulary")
+        require_int(self, "make_vocab_size_divisible_by", 1, "padding multiple of the vocabulary")
+        require_int(self, "max_position_embeddings", 1, "longest sequence the model has "
+                                                        "positions for")
+        require_number(self, "norm_epsilon", "> 0", lambda v: v > 0)
+        require_number(self, "rotary_base", "> 0", lambda v: v > 0)
+        require_number(self, "init_method_std", ">= 0", lambda v: v >= 0)
+        for name in ("hidden_dropout", "attention_dropout"):
+            require_number(self, name, "in [0, 1)", lambda v: 0 <= v < 1)
         h, n, g = self.hidden_size, self.num_attention_heads, self.num_query_groups
         if h % n:
             raise ConfigError(f"--hidden-size {h} is not divisible by --num-attention-heads {n}")
@@ -113,6 +132,35 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def flag_of(name: str) -> str:
+    """The flag of a field of this module's dataclasses (arguments.flag_name for all sections)."""
+    return "--model-family" if name == "family" else "--" + name.replace("_", "-")
+
+
+def _fix(config, name: str) -> str:
+    """'e.g. --flag <default>', or for a field whose default is None 'or leave --flag out'."""
+    default = {f.name: f.default for f in dataclasses.fields(config)}.get(name)
+    return (f"or leave {flag_of(name)} out" if default is None or default is dataclasses.MISSING
+            else f"e.g. {flag_of(name)} {default!r}")
+
+
+def require_int(config, name: str, minimum: int, meaning: str) -> None:
+    """ConfigError unless ``config.<name>`` is an integer >= ``minimum``."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{flag_of(name)} {value!r}: must be an integer >= {minimum} "
+                          f"({meaning}); {_fix(config, name)}")
+
+
+def require_number(config, name: str, rule: str, ok) -> None:
+    """ConfigError unless ``config.<name>`` is a finite number with ``ok(value)`` (``rule``)."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or not ok(value):
+        raise ConfigError(f"{flag_of(name)} {value!r}: must be a finite number {rule}; "
+                          f"{_fix(config, name)}")
+
+
 def available_presets() -> list[str]:
     return sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml"))
 
@@ -125,19 +173,122 @@ def load_model_preset(name_or_path: str, **overrides) -> ModelConfig:
     if not path.exists():
         raise ConfigError(f"unknown model preset {name_or_path!r}: available presets are "
                           f"{', '.join(available_presets())} (or give a path to a .yaml file)")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = load_yaml(path, "model preset")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return from_dict(ModelConfig, values, source=str(path))
 
 
-def from_dict(cls, values: dict, source: str = "config"):
-    """Build a dataclass from a dict, rejecting unknown keys by name."""
+def load_yaml(path, what: str) -> dict:
+    """The mapping in a YAML file (empty file: {}); a missing file, bad YAML or anything but a
+    mapping -> ConfigError naming ``what`` (e.g. "--config") and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path}: no such file")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        why = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"{what} {path}: not valid YAML ({why}{where}): fix the file") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} {path}: must be a mapping (field: value lines), got a "
+                          f"{type(values).__name__}")
+    return values
+
+
+_NULL_WORDS = ("null", "none", "~")
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+               "false": False, "no": False, "off": False, "0": False}
+_BAD = object()
+
+
+def _to_float(value):
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return _BAD
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else _BAD
+
+
+def _to_int(value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            value = _to_float(value)  # "1e3"
+    if isinstance(value, float) and value.is_integer():  # 2.5 is an error, never truncated
+        return int(value)
+    return _BAD
+
+
+def _to_bool(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    return _BOOL_WORDS.get(value.strip().lower(), _BAD) if isinstance(value, str) else _BAD
+
+
+def _to_str(value):
+    if isinstance(value, str):
+        return value
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _BAD
+
+
+_CONVERTERS = {int: (_to_int, "an integer"), float: (_to_float, "a number"),
+               bool: (_to_bool, "true or false"), str: (_to_str, "a string")}
+
+
+def coerce(value, annotation, label: str):
+    """``value`` (from YAML or the command line, where it may be a string) as the field type
+    ``annotation``: int ("12", 12.0; never 2.5), float ("1e-3", which YAML 1.1 reads as a string;
+    an int), bool (true/false/yes/no/on/off/1/0), str, list[X], X | None ("null"/"none"/"~").
+    Other annotations pass the value through. Else ConfigError "<label> <value>: expected ..."."""
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    if optional:
+        if value is None or isinstance(value, str) and value.strip().lower() in _NULL_WORDS:
+            return None
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation) or (typing.Any,)
+        if value is None:
+            raise ConfigError(f"{label} None: expected a list of values")
+        return [coerce(v, item, label) for v in (value if isinstance(value, (list, tuple))
+                                                 else [value])]
+    if annotation not in _CONVERTERS:
+        return value
+    convert, expected = _CONVERTERS[annotation]
+    result = convert(value)
+    if result is _BAD:
+        raise ConfigError(f"{label} {value!r}: expected {expected}"
+                          + (" (or null)" if optional else ""))
+    return result
+
+
+def coerce_fields(cls, values: dict, label) -> dict:
+    """``values`` with each known field's value coerced to its type; ``label(field)`` names it in
+    errors (unknown keys are left for :func:`from_dict` to report)."""
+    hints = typing.get_type_hints(cls)
+    return {k: coerce(v, hints[k], label(k)) if k in hints else v for k, v in values.items()}
+
+
+def from_dict(cls, values: dict, source: str = "config", label=None):
+    """Build a dataclass from a dict, rejecting unknown keys by name and converting every value
+    to its field's type (:func:`coerce`; errors name ``label(field)``, default
+    "<source>: <field>")."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"{source}: unknown {cls.__name__} field(s) {unknown}; "
                           f"known fields are {sorted(names)}")
-    return cls(**values)
+    return cls(**coerce_fields(cls, values, label or (lambda name: f"{source}: {name}")))
 
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -151,10 +302,8 @@ class ParallelConfig:
     use_distributed_optimizer: bool = True
 
     def validate(self) -> "ParallelConfig":
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, "
-                                  f"got {getattr(self, name)}")
+        require_int(self, "tensor_model_parallel_size", 1, "tensor-parallel ranks")
+        require_int(self, "pipeline_model_parallel_size", 1, "pipeline stages")
         return self
 
 
@@ -181,6 +330,25 @@ class TrainConfig:
     log_interval: int = 10
 
     def validate(self, dp_size: int = 1) -> "TrainConfig":
+        require_int(self, "micro_batch_size", 1, "sequences per micro-batch and data-parallel "
+                                                 "rank")
+        require_int(self, "global_batch_size", 1, "sequences per optimizer step")
+        require_int(self, "seq_length", 1, "tokens per sequence")
+        require_int(self, "train_iters", 1, "optimizer steps")
+        require_int(self, "lr_warmup_iters", 0, "warm-up steps")
+        if self.lr_decay_iters is not None:
+            require_int(self, "lr_decay_iters", 1, "decay steps")
+        require_int(self, "seed", 0, "random seed")
+        require_int(self, "log_interval", 1, "iterations between log lines")
+        for name in ("lr", "min_lr", "weight_decay"):
+            require_number(self, name, ">= 0", lambda v: v >= 0)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr {self.min_lr!r} > --lr {self.lr!r}: the schedule decays "
+                              "from --lr down to --min-lr; lower --min-lr or raise --lr")
+        for name in ("adam_beta1", "adam_beta2"):
+            require_number(self, name, "in [0, 1)", lambda v: 0 <= v < 1)
+        require_number(self, "adam_eps", "> 0", lambda v: v > 0)
+        require_number(self, "clip_grad", ">= 0 (0: no clipping)", lambda v: v >= 0)
         per_step = self.micro_batch_size * dp_size
         if self.global_batch_size % per_step:
             raise ConfigError(

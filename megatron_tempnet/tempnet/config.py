@@ -29,6 +29,11 @@ LR_SCHEDULES = ("constant", "lm")
 LOSS_MODES = ("ce", "dro_fixed_tau", "tempnet_dro", "dro_exact", "tempnet_ce")
 # The loss modes whose model carries a TempNet head (and so can train it with the LM frozen).
 TEMPNET_LOSS_MODES = ("tempnet_dro", "tempnet_ce")
+# The loss modes whose tau depends on rho (the DRO loss at a learned or exact tau; with a fixed
+# tau rho only shifts the loss by a constant, and "tempnet_ce" does not use it).
+RHO_LOSS_MODES = ("tempnet_dro", "dro_exact")
+# rho / log V of the paper's GPT-2 run (rho 8.0, vocabulary 50257): the suggested rho ratio.
+PAPER_RHO_RATIO = 8.0 / math.log(50257)
 # "scratch": LM + TempNet from random init; "finetune": a pretrained LM (loaded from a
 # checkpoint) + TempNet, both trained; "frozen_lm": only TempNet trains (LM requires_grad=False).
 TRAINING_MODES = ("scratch", "finetune", "frozen_lm")
@@ -110,8 +115,9 @@ class TempNetConfig:
             if getattr(self, name) is None:
                 setattr(self, name, value)
 
-    def validate(self) -> "TempNetConfig":
-        """Raise ConfigError naming the field (and its flag), the value and the fix."""
+    def validate(self, vocab_size: int | None = None) -> "TempNetConfig":
+        """Raise ConfigError naming the field (and its flag), the value and the fix.
+        ``vocab_size`` (the tokenizer's, when known): also check rho against log V."""
         def bad(field: str, why: str) -> ConfigError:
             flag = "--tempnet-" + field.replace("_", "-")
             return ConfigError(f"TempNetConfig.{field} ({flag}) = {getattr(self, field)!r}: {why}")
@@ -173,6 +179,15 @@ class TempNetConfig:
             raise bad("training_mode", "frozen_lm trains TempNet only: it needs "
                                        "--tempnet-loss-mode tempnet_dro or tempnet_ce "
                                        f"(got {self.loss_mode!r}, which has nothing to train)")
+        if vocab_size is not None and self.loss_mode in RHO_LOSS_MODES \
+                and self.rho >= math.log(vocab_size):
+            # KL(p || u) = log V - H(p) < log V: dl/dtau = rho - KL > 0, so tau -> tau_min
+            log_v = math.log(vocab_size)
+            raise ConfigError(
+                f"--tempnet-rho {self.rho!r} >= log V = {log_v:.2f} (vocabulary {vocab_size}): "
+                "the DRO constraint KL(p || uniform) <= log V never binds, so tau sits at "
+                f"--tempnet-tau-min {self.tau_min!r}: choose rho < {log_v:.2f} (e.g. "
+                f"{PAPER_RHO_RATIO * log_v:.1f}, the paper's rho / log V = 8.0 / log 50257)")
         return self
 
     @property

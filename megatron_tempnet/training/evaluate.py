@@ -88,6 +88,11 @@ class EvalConfig:
                 raise bad(name, "must be an integer >= 0")
         if self.ece_bins < 1 or self.tau_histogram_bins < 1:
             raise bad("ece_bins" if self.ece_bins < 1 else "tau_histogram_bins", "must be >= 1")
+        for name in ("temperature_min", "temperature_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
         if not 0 < self.temperature_min < self.temperature_max:
             raise bad("temperature_min", f"need 0 < temperature_min < temperature_max "
                                          f"({self.temperature_max!r})")
