@@ -17,21 +17,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from megatron_tempnet.cli import run_command  # noqa: E402
 from megatron_tempnet.hf.convert import checkpoint_to_hf  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--load", required=True, help="checkpoint save dir or one iter_* dir")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="new (or empty) directory to write")
     p.add_argument("--tokenizer-model", help="SentencePiece .model or tokenizers .json to copy")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = p.parse_args(argv)
     out = checkpoint_to_hf(args.load, args.output, args.tokenizer_model, DTYPES[args.dtype])
     print(f"wrote {out}")
     return 0
+
+
+def main(argv=None) -> int:
+    """_main; a bad input ends as one line ``error: ...`` and exit code 2."""
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_tempnet.cli import run_command  # noqa: E402
 from megatron_tempnet.hf.convert import hf_to_checkpoint  # noqa: E402
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="Hugging Face model directory")
-    p.add_argument("--save", required=True, help="checkpoint directory to write")
+    p.add_argument("--save", required=True,
+                   help="checkpoint directory to write (holding no checkpoint yet)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     p.add_argument("--target-tensor-parallel-size", type=int, default=1)
     args = p.parse_args(argv)
@@ -30,6 +32,11 @@ def main(argv=None) -> int:
                             args.target_tensor_parallel_size)
     print(f"wrote {path}")
     return 0
+
+
+def main(argv=None) -> int:
+    """_main; a bad input ends as one line ``error: ...`` and exit code 2."""
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":

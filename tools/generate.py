@@ -24,18 +24,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import megatron_tempnet.hf.modeling  # noqa: E402,F401  (registers the TempNet Auto classes)
+from megatron_tempnet.cli import run_command  # noqa: E402
+from megatron_tempnet.config import ConfigError  # noqa: E402
 from megatron_tempnet.data.tokenizers import load_tokenizer  # noqa: E402
+
+
+def check_model_dir(model_dir: Path) -> None:
+    fix = "give a directory written by tools/convert_checkpoint_to_hf.py"
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model-dir {model_dir}: no such directory; {fix}")
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"--model-dir {model_dir}: no config.json in it; {fix}")
 
 
 def find_tokenizer(model_dir: Path, override: str | None):
     if override:
         path = Path(override)
+        if not path.is_file():
+            raise ConfigError(f"--tokenizer {override}: no such file; give a SentencePiece "
+                              ".model or tokenizers .json")
     else:
         path = next((model_dir / n for n in ("tokenizer.model", "tokenizer.json")
                      if (model_dir / n).exists()), None)
         if path is None:
-            raise SystemExit(f"error: no tokenizer.model or tokenizer.json in {model_dir}; "
-                             "pass --tokenizer")
+            raise ConfigError(f"--model-dir {model_dir}: no tokenizer.model or tokenizer.json "
+                              "in it; pass --tokenizer")
     kind = "huggingface" if path.suffix == ".json" else "sentencepiece"
     return load_tokenizer(kind, str(path))
 
@@ -51,7 +64,7 @@ class AnnealedTemperature:
         return scores / (self.start + (self.end - self.start) * t)
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", required=True)
     p.add_argument("--prompt", required=True)
@@ -65,20 +78,33 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show-tau", action="store_true")
     args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be >= 1: e.g. 50")
+    if min(args.temperature, args.final_temperature) <= 0:
+        raise ConfigError(f"--temperature {args.temperature} / --final-temperature "
+                          f"{args.final_temperature} must be > 0: use --greedy for argmax")
+    if not args.prompt:
+        raise ConfigError("--prompt is empty: give the text to continue, e.g. --prompt 'Once'")
 
     from transformers import AutoModelForCausalLM, LogitsProcessorList
 
     model_dir = Path(args.model_dir)
+    check_model_dir(model_dir)
+    tok = find_tokenizer(model_dir, args.tokenizer)
+    prompt_ids = tok.tokenize(args.prompt)
+    if not prompt_ids:
+        raise ConfigError(f"--prompt {args.prompt!r} tokenizes to zero tokens; give text the "
+                          "tokenizer encodes")
+    ids = torch.tensor([prompt_ids])
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     has_tempnet = hasattr(model, "use_tempnet")
     mode = args.temperature_mode or ("tempnet" if has_tempnet else "fixed")
     if mode == "tempnet" and not has_tempnet:
-        raise SystemExit(f"error: {model_dir} has no per-token tau (neither TempNet weights "
-                         "nor a dro_exact loss mode); use --temperature-mode fixed or anneal")
+        raise ConfigError(f"--temperature-mode tempnet: {model_dir} has no per-token tau "
+                          "(neither TempNet weights nor a dro_exact loss mode); use "
+                          "--temperature-mode fixed or anneal")
     if has_tempnet:
         model.use_tempnet = mode == "tempnet"
-    tok = find_tokenizer(model_dir, args.tokenizer)
-    ids = torch.tensor([tok.tokenize(args.prompt)])
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, top_k=0,
                   top_p=1.0, output_scores=False, return_dict_in_generate=True,
                   pad_token_id=tok.eod)
@@ -98,6 +124,11 @@ def main(argv=None) -> int:
         for token, t in zip(new, tau.tolist()):
             print(f"{tok.detokenize([token])!r:>20}  tau {t:.3f}")
     return 0
+
+
+def main(argv=None) -> int:
+    """_main; a bad input ends as one line ``error: ...`` and exit code 2."""
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":

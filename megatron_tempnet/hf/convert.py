@@ -92,10 +92,41 @@ def checkpoint_to_hf(load: str, output: str, tokenizer_file: str | None = None,
 
     from megatron_tempnet.hf.modeling import has_own_tau
 
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--output {output} already exists and is not an empty directory; "
+                          "refusing to overwrite it: give another --output (or delete it)")
+    if tokenizer_file and not Path(tokenizer_file).is_file():
+        raise ConfigError(f"--tokenizer-model {tokenizer_file}: no such file; give the "
+                          "SentencePiece .model or tokenizers .json the run trained with")
     full, cfg, tempnet_cfg = load_checkpoint_full(load)
     # a TempNet head or the exact tau* ("dro_exact"); "ce" and "dro_fixed_tau" export plain
     return export_hf(output, full, cfg, tempnet_cfg if has_own_tau(tempnet_cfg) else None,
                      tokenizer_file=tokenizer_file, dtype=dtype)
+
+
+HF_FAMILIES = {"llama": "llama", "gpt2": "gpt"}  # Hugging Face model_type -> our family
+
+
+def read_hf_config(hf_dir: str) -> tuple[dict, str]:
+    """(config.json of a Hugging Face LLaMA or GPT-2 directory, our family); nothing else read."""
+    path = Path(hf_dir) / "config.json"
+    if not Path(hf_dir).is_dir():
+        raise ConfigError(f"--input {hf_dir}: no such directory; give a Hugging Face model "
+                          "directory (save_pretrained output with config.json)")
+    if not path.is_file():
+        raise ConfigError(f"--input {hf_dir}: no config.json in it; give a Hugging Face model "
+                          "directory (save_pretrained output)")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"--input {hf_dir}: config.json is not JSON ({e}); re-save the "
+                          "model with save_pretrained") from e
+    family = HF_FAMILIES.get(config.get("model_type"))
+    if family is None:
+        raise ConfigError(f"{hf_dir}: model_type {config.get('model_type')!r} is not supported; "
+                          f"supported: {', '.join(sorted(HF_FAMILIES))}")
+    return config, family
 
 
 def hf_to_full(hf_dir: str, make_vocab_size_divisible_by: int = 128) -> tuple[dict, ModelConfig]:
@@ -104,12 +135,7 @@ def hf_to_full(hf_dir: str, make_vocab_size_divisible_by: int = 128) -> tuple[di
 
     from megatron_tempnet.hf import family_module
 
-    config = json.loads((Path(hf_dir) / "config.json").read_text())
-    families = {"llama": "llama", "gpt2": "gpt"}
-    family = families.get(config.get("model_type"))
-    if family is None:
-        raise ConfigError(f"{hf_dir}: model_type {config.get('model_type')!r} is not supported; "
-                          f"supported: {sorted(families)}")
+    _, family = read_hf_config(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
     cfg = model_config_from_hf(family, model.config, make_vocab_size_divisible_by)
     return family_module(family).from_hf(model.state_dict(), cfg), cfg
@@ -153,6 +179,7 @@ def hf_to_checkpoint(hf_dir: str, save: str, make_vocab_size_divisible_by: int =
                                                          model_sharded_state_dict, save_sharded,
                                                          write_latest)
 
+    _check_hf_to_checkpoint(hf_dir, save, make_vocab_size_divisible_by, target_tp)
     full, cfg = hf_to_full(hf_dir, make_vocab_size_divisible_by)
     padded = model_for_layout(cfg, target_tp)
     full = {k: _pad_rows(v, padded.padded_vocab_size()) if k in VOCAB_KEYS else v
@@ -171,3 +198,27 @@ def hf_to_checkpoint(hf_dir: str, save: str, make_vocab_size_divisible_by: int =
     save_sharded(state, path)
     write_latest(save, 0)
     return path
+
+
+def _check_hf_to_checkpoint(hf_dir: str, save: str, divisible_by: int, target_tp: int) -> None:
+    """The bad inputs of hf_to_checkpoint, found before any weight is read or file written."""
+    from math import gcd
+
+    from megatron_tempnet.training.checkpointing import LATEST_FILE, saved_iterations
+
+    config, family = read_hf_config(hf_dir)
+    heads = config.get("num_attention_heads" if family == "llama" else "n_head")
+    groups = (config.get("num_key_value_heads") if family == "llama" else None) or heads
+    if divisible_by < 1:
+        raise ConfigError(f"--make-vocab-size-divisible-by {divisible_by} must be >= 1: use 128")
+    if heads and (target_tp < 1 or heads % target_tp or groups % target_tp):
+        valid = [tp for tp in range(1, gcd(heads, groups) + 1) if gcd(heads, groups) % tp == 0]
+        raise ConfigError(
+            f"--target-tensor-parallel-size {target_tp} does not divide the {heads} attention "
+            f"heads / {groups} query groups of {hf_dir}: use one of {valid}")
+    root = Path(save)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--save {save} is a file, not a directory: give another --save")
+    if root.is_dir() and ((root / LATEST_FILE).exists() or saved_iterations(root)):
+        raise ConfigError(f"--save {save} already holds a checkpoint; refusing to overwrite it: "
+                          "give another --save (or delete that directory)")

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
@@ -52,8 +53,23 @@ def slurm_first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now (bind port 0 on ``addr``, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((addr, 0))
+        except OSError:  # an address of another host: any local interface will do
+            s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def detect_launch_env(environ=None) -> LaunchEnv:
-    """torchrun (RANK/WORLD_SIZE/LOCAL_RANK) wins; then SLURM (one task per GPU); else single."""
+    """torchrun (RANK/WORLD_SIZE/LOCAL_RANK) wins; then SLURM (one task per GPU); else single.
+
+    The port is MASTER_PORT when set. Otherwise torchrun and SLURM launches use 29500 (every
+    rank must agree on it); a single process picks a free port, so it does not collide with
+    another job on the machine holding 29500.
+    """
     env = os.environ if environ is None else environ
     port = int(env.get("MASTER_PORT", "29500"))
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -63,7 +79,10 @@ def detect_launch_env(environ=None) -> LaunchEnv:
         addr = env.get("MASTER_ADDR") or slurm_first_host(env["SLURM_JOB_NODELIST"])
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
                          int(env.get("SLURM_LOCALID", 0)), addr, port, "slurm")
-    return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
+    addr = env.get("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        port = free_port(addr)
+    return LaunchEnv(0, 1, 0, addr, port, "single")
 
 
 @dataclass(frozen=True)
