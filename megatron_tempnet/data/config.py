@@ -16,7 +16,9 @@ class DataConfig:
     split: str = "949,50,1"  # train,valid,test weights of each dataset's documents
     tokenizer_type: str = "sentencepiece"  # or huggingface; Megatron-LM names accepted too
     tokenizer_model: str | None = None  # .model file, or tokenizers JSON file / directory
-    data_cache_path: str | None = None  # sample-index cache; None: <first prefix dir>/index_cache
+    # sample-index cache (None: <first prefix dir>/index_cache), in a data-<key> sub-directory
+    # per version of the data files (datasets.cache_dir)
+    data_cache_path: str | None = None
     num_workers: int = 0  # DataLoader worker processes per rank
     reset_position_ids: bool = False
     reset_attention_mask: bool = False

@@ -3,13 +3,23 @@ resumable micro-batch iterator for one data-parallel rank.
 
 Works in a single process and under torch.distributed: with a process group, megatron-core
 builds the cached sample indices on rank 0 first and the other ranks load them after a barrier.
+
+Before megatron-core sees the data, every dataset is checked (:func:`check_data`): a valid index,
+not empty, every split long enough for one sample, and no token id outside the tokenizer's
+vocabulary (scanned once, cached beside the data). The sample-index cache lives in a directory
+named after the data files' identity, so data rewritten under the same prefix is never read
+through indices built for the old data.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import math
 import os
 from typing import Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -17,10 +27,13 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megatron_tempnet.config import ConfigError
 from megatron_tempnet.data.config import DataConfig
-from megatron_tempnet.data.indexed import check_indexed_dataset
+from megatron_tempnet.data.indexed import (CorruptDatasetError, IndexInfo,
+                                           check_indexed_dataset, file_identity, token_id_range)
 from megatron_tempnet.data.tokenizers import Tokenizer
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+TOKEN_KEYS = ("tokens", "labels")
+SPLIT_NAMES = ("train", "valid", "test")
 DEFAULT_CACHE_DIRNAME = "index_cache"
 # Blends sample each dataset slightly beyond its share (megatron-core's default margin).
 MID_LEVEL_DATASET_SURPLUS = 0.005
@@ -35,13 +48,22 @@ def parse_data_path(data_path: Sequence[str] | str) -> tuple[list[str], Optional
                           "'data/corpus_text_document' or '0.3 data/a 0.7 data/b'")
     weights = [_as_float(w) for w in words[0::2]]
     if len(words) % 2 == 0 and all(w is not None for w in weights):
-        if any(w <= 0 for w in weights):
-            raise ConfigError(f"--data-path weights must be positive, got {weights}")
+        _check_weights(words[0::2], weights, words[1::2])
         return words[1::2], weights
     if any(_as_float(w) is not None for w in words):
         raise ConfigError(f"--data-path {' '.join(words)!r}: give either only prefixes or "
                           f"'weight prefix' pairs")
     return words, None
+
+
+def _check_weights(words: list[str], weights: list[float], prefixes: list[str]) -> None:
+    fix = ("weights must be positive finite numbers, e.g. '0.3 data/a 0.7 data/b'; leave a "
+           "dataset out of --data-path rather than giving it weight 0")
+    if all(w == 0 for w in weights):
+        raise ConfigError(f"--data-path weights are all 0 ({' '.join(words)}): {fix}")
+    for word, weight, prefix in zip(words, weights, prefixes):
+        if not (math.isfinite(weight) and weight > 0):
+            raise ConfigError(f"--data-path weight {word!r} of {prefix} is not usable: {fix}")
 
 
 def _as_float(word: str) -> Optional[float]:
@@ -60,16 +82,84 @@ def num_samples(train_iters: int, global_batch_size: int, eval_iters: int = 0,
 
 
 def cache_dir(config: DataConfig, prefixes: Sequence[str]) -> str:
-    if config.data_cache_path:
-        return config.data_cache_path
-    return os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), DEFAULT_CACHE_DIRNAME)
+    """megatron-core's sample-index cache: ``data-<key>`` under --data-cache-path (default
+    ``<first prefix dir>/index_cache``), the key hashing every .bin/.idx's identity (size,
+    mtime_ns, inode), so changed data gets a fresh cache instead of stale indices."""
+    base = config.data_cache_path or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])),
+                                                  DEFAULT_CACHE_DIRNAME)
+    identity = json.dumps([file_identity(p) for p in prefixes]).encode()
+    return os.path.join(base, "data-" + hashlib.md5(identity, usedforsecurity=False)
+                        .hexdigest()[:16])
+
+
+def check_data(config: DataConfig, tokenizer: Tokenizer) -> dict[str, IndexInfo]:
+    """Check every --data-path dataset before megatron-core opens it (it would hang on an empty
+    split, fail on a bare assert, or train on ids beyond the embedding): a valid .bin/.idx, at
+    least one token, and token ids in [0, tokenizer.vocab_size). Returns each prefix's index."""
+    prefixes, _ = parse_data_path(config.data_path)
+    infos = {prefix: check_indexed_dataset(prefix) for prefix in prefixes}
+    for prefix, info in infos.items():
+        if info.num_documents == 0 or info.num_tokens == 0:
+            raise ConfigError(f"data prefix {prefix} holds no tokens ({info.num_documents} "
+                              f"documents in {info.path}): preprocess a non-empty corpus into "
+                              f"it with tools/preprocess_data.py, or leave it out of --data-path")
+    ranges = _rank_zero_first(lambda: [token_id_range(p, i) for p, i in infos.items()])
+    vocab = tokenizer.vocab_size
+    for (prefix, info), (low, high) in zip(infos.items(), ranges):
+        if high >= vocab:
+            raise ConfigError(f"data prefix {prefix} holds token id {high} >= the tokenizer's "
+                              f"vocabulary size {vocab} (--tokenizer-model "
+                              f"{getattr(tokenizer, 'path', None)}): the data was preprocessed "
+                              f"with another tokenizer; pass that tokenizer, or preprocess the "
+                              f"data again with this one")
+        if low < 0:
+            raise CorruptDatasetError(f"data prefix {prefix} holds token id {low} < 0 (its "
+                                      f"{info.dtype} .bin is corrupt or not token ids): "
+                                      f"re-create it with tools/preprocess_data.py")
+    return infos
+
+
+def _rank_zero_first(fn):
+    """``fn()`` on rank 0, then (after a barrier) on the others: the token-id scans run once
+    and the other ranks read the cache rank 0 wrote."""
+    if not dist.is_initialized():
+        return fn()
+    if dist.get_rank() == 0:
+        try:
+            return fn()
+        finally:
+            dist.barrier()
+    dist.barrier()
+    return fn()
+
+
+def check_split_sizes(infos: dict[str, IndexInfo], gpt_config: GPTDatasetConfig,
+                      sizes: Sequence[int]) -> None:
+    """Every split megatron-core will build holds the tokens of one sample (``seq_length`` + 1)
+    in each dataset, or at least one token where no samples are asked for (an empty split makes
+    megatron-core's epoch count loop forever)."""
+    seq_length, spec = gpt_config.sequence_length, gpt_config.split
+    for prefix, info in infos.items():
+        for name, bounds, size in zip(SPLIT_NAMES, gpt_config.split_matrix, sizes):
+            if bounds is None:
+                continue
+            begin, end = (int(round(b * info.num_sequences)) for b in bounds)
+            tokens = int(info.sequence_lengths[begin:end].sum(dtype=np.int64))
+            needed = seq_length + gpt_config.add_extra_token_to_sequence if size else 1
+            if tokens < needed:
+                need = (f"one sample of --seq-length {seq_length} needs {needed}" if size else
+                        "megatron-core needs at least 1 even for a split no sample is asked of")
+                raise ConfigError(
+                    f"data prefix {prefix}: its {name} split (--split {spec!r}: sequences "
+                    f"{begin}..{end} of {info.num_sequences}) holds {tokens} tokens, but {need}: "
+                    f"give the dataset more documents, lower --seq-length, or change --split "
+                    f"(weight 0 drops a split)")
 
 
 def gpt_dataset_config(config: DataConfig, tokenizer: Tokenizer, seq_length: int, seed: int
                        ) -> GPTDatasetConfig:
+    """megatron-core's config for checked data (see :func:`check_data`)."""
     prefixes, weights = parse_data_path(config.data_path)
-    for prefix in prefixes:
-        check_indexed_dataset(prefix)
     try:
         return GPTDatasetConfig(
             random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights),
@@ -103,9 +193,11 @@ def build_datasets(config: DataConfig, tokenizer: Tokenizer, seq_length: int, se
                    ) -> tuple[Optional[GPTDataset], Optional[GPTDataset], Optional[GPTDataset]]:
     """Train, valid and test datasets of ``seq_length``-token samples (None for a split with
     no documents). Call on every rank; see num_samples() for Megatron-LM's sample counts."""
+    infos = check_data(config, tokenizer)
     gpt_config = gpt_dataset_config(config, tokenizer, seq_length, seed)
-    builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, test_samples], lambda: True, gpt_config)
+    sizes = [train_samples, valid_samples, test_samples]
+    check_split_sizes(infos, gpt_config, sizes)
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, gpt_config)
     with _process_group_for_builder():
         train, valid, test = builder.build()
     return train, valid, test
@@ -136,10 +228,12 @@ class _RankBatchSampler:
 
 class MicroBatchIterator:
     """Micro-batches for one data-parallel rank; its position is ``consumed_samples`` (global,
-    all ranks together), saved by ``state_dict()`` and restored by ``load_state_dict()``."""
+    all ranks together), saved by ``state_dict()`` and restored by ``load_state_dict()``.
+    ``vocab_size``: every batch's tokens and labels are checked to lie in [0, vocab_size)."""
 
     def __init__(self, dataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 consumed_samples: int = 0, num_workers: int = 0):
+                 consumed_samples: int = 0, num_workers: int = 0,
+                 vocab_size: Optional[int] = None):
         if not 0 <= dp_rank < dp_size:
             raise ConfigError(f"data-parallel rank {dp_rank} is outside [0, {dp_size})")
         self.dataset = dataset
@@ -147,6 +241,7 @@ class MicroBatchIterator:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.num_workers = num_workers
         self.consumed_samples = consumed_samples
+        self.vocab_size = vocab_size
         self._batches: Optional[Iterator] = None
 
     def _loader(self) -> torch.utils.data.DataLoader:
@@ -167,8 +262,24 @@ class MicroBatchIterator:
         if self._batches is None:
             self._batches = iter(self._loader())
         batch = next(self._batches)
+        if self.vocab_size is not None:
+            self._check_token_ids(batch)
         self.consumed_samples += self.micro_batch_size * self.dp_size
         return batch
+
+    def _check_token_ids(self, batch: dict[str, torch.Tensor]) -> None:
+        """One min/max per int tensor; an id outside the vocabulary would index past the
+        embedding (a CUDA assert far from the cause) or train on garbage."""
+        for key in TOKEN_KEYS:
+            low, high = (int(v) for v in torch.aminmax(batch[key]))
+            if low < 0 or high >= self.vocab_size:
+                first = self.consumed_samples + self.dp_rank * self.micro_batch_size
+                raise ConfigError(
+                    f"micro-batch of samples {first}..{first + self.micro_batch_size - 1} holds "
+                    f"{key} id {high if high >= self.vocab_size else low} outside the "
+                    f"tokenizer's vocabulary [0, {self.vocab_size}): the data does not match "
+                    f"--tokenizer-model; pass the tokenizer it was preprocessed with, or "
+                    f"preprocess it again with tools/preprocess_data.py", rank_local=True)
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples}
@@ -180,8 +291,10 @@ class MicroBatchIterator:
 
 def build_micro_batch_iterator(dataset, micro_batch_size: int, global_batch_size: int,
                                dp_rank: int, dp_size: int, consumed_samples: int = 0,
-                               num_workers: int = 0) -> Optional[MicroBatchIterator]:
-    """The iterator of data-parallel rank ``dp_rank`` of ``dp_size``; None for no dataset."""
+                               num_workers: int = 0, vocab_size: Optional[int] = None
+                               ) -> Optional[MicroBatchIterator]:
+    """The iterator of data-parallel rank ``dp_rank`` of ``dp_size``; None for no dataset.
+    ``vocab_size`` (the tokenizer's): check each batch's ids against it."""
     step = micro_batch_size * dp_size
     if global_batch_size % step:
         raise ConfigError(f"--global-batch-size {global_batch_size} is not a multiple of "
@@ -190,4 +303,4 @@ def build_micro_batch_iterator(dataset, micro_batch_size: int, global_batch_size
     if dataset is None:
         return None
     return MicroBatchIterator(dataset, micro_batch_size, dp_rank, dp_size, consumed_samples,
-                              num_workers)
+                              num_workers, vocab_size)

@@ -11,12 +11,18 @@ The writer keeps O(1) memory whatever the corpus size: tokens stream to the .bin
 lengths and document boundaries stream to side files, and the .idx is assembled from them in
 chunks at the end. Everything is written under temporary names and renamed when complete, the
 .idx last, so an interrupted run never leaves a pair that looks complete.
+
+Reading checks the whole index in numpy chunks (O(sequences + documents), no Python loop per
+document); the smallest and largest token id of a .bin are scanned once and cached beside it in
+``<prefix>.stats.json``, keyed on the files' identity (:func:`file_identity`).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
+import tempfile
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -33,7 +39,9 @@ DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 
                np.dtype(np.float32): 7, np.dtype(np.uint16): 8}
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 CHUNK_ITEMS = 1 << 20
+SCAN_CHUNK_BYTES = 32 << 20  # .bin bytes read at a time by the token-id scan
 TMP_SUFFIX = ".tmp"
+STATS_SUFFIX = ".stats.json"
 
 
 class CorruptDatasetError(ConfigError):
@@ -57,6 +65,7 @@ class IndexInfo:
     sequence_lengths: np.ndarray  # int32[S]
     sequence_pointers: np.ndarray  # int64[S]
     document_indices: np.ndarray  # int64[D]
+    num_tokens: int  # sum of the sequence lengths
 
     @property
     def num_sequences(self) -> int:
@@ -68,7 +77,7 @@ class IndexInfo:
 
     @property
     def bin_bytes(self) -> int:
-        return int(self.sequence_lengths.sum(dtype=np.int64)) * self.dtype.itemsize
+        return self.num_tokens * self.dtype.itemsize
 
 
 def _corrupt(path: str, problem: str) -> CorruptDatasetError:
@@ -101,8 +110,47 @@ def read_index(path: str) -> IndexInfo:
     pointers = np.frombuffer(data, np.int64, num_seq, HEADER_BYTES + 4 * num_seq)
     documents = np.frombuffer(data, np.int64, num_doc, HEADER_BYTES + 12 * num_seq)
     if num_doc == 0 or documents[0] != 0 or documents[-1] != num_seq:
-        raise _corrupt(path, "document boundaries do not run from 0 to the sequence count")
-    return IndexInfo(path, CODE_DTYPES[code], lengths, pointers, documents)
+        span = f"{documents[0]} to {documents[-1]}" if num_doc else "nowhere (there are none)"
+        raise _corrupt(path, f"document boundaries run from {span}, not from 0 to the sequence "
+                             f"count {num_seq}")
+    dtype = CODE_DTYPES[code]
+    num_tokens = _check_lengths_and_pointers(path, lengths, pointers, dtype.itemsize)
+    _check_document_boundaries(path, documents)
+    return IndexInfo(path, dtype, lengths, pointers, documents, num_tokens)
+
+
+def _check_lengths_and_pointers(path: str, lengths: np.ndarray, pointers: np.ndarray,
+                                itemsize: int) -> int:
+    """Lengths >= 0 and each byte offset the running sum of the lengths before it (offset 0
+    first), in chunks; returns the token count."""
+    tokens = 0
+    for start in range(0, len(lengths), CHUNK_ITEMS):
+        chunk = lengths[start:start + CHUNK_ITEMS]
+        if chunk.min() < 0:
+            i = start + int(np.argmax(chunk < 0))
+            raise _corrupt(path, f"sequence {i} has length {lengths[i]} (lengths must be >= 0)")
+        ends = np.cumsum(chunk, dtype=np.int64)
+        ends += tokens
+        expected = (ends - chunk) * itemsize
+        wrong = np.flatnonzero(pointers[start:start + CHUNK_ITEMS] != expected)
+        if len(wrong):
+            i = start + int(wrong[0])
+            raise _corrupt(path, f"sequence {i} starts at byte {pointers[i]} of the .bin, but the "
+                                 f"lengths of the sequences before it put it at byte "
+                                 f"{expected[wrong[0]]} (offsets and lengths disagree)")
+        tokens = int(ends[-1])
+    return tokens
+
+
+def _check_document_boundaries(path: str, documents: np.ndarray) -> None:
+    """Document boundaries non-decreasing (their ends are checked by the caller), in chunks."""
+    for start in range(0, len(documents) - 1, CHUNK_ITEMS):
+        falls = np.flatnonzero(np.diff(documents[start:start + CHUNK_ITEMS + 1]) < 0)
+        if len(falls):
+            j = start + int(falls[0]) + 1
+            raise _corrupt(path, f"document boundary {j} is sequence {documents[j]}, before "
+                                 f"boundary {j - 1} (sequence {documents[j - 1]}): document "
+                                 f"boundaries must not decrease")
 
 
 def check_indexed_dataset(prefix: str) -> IndexInfo:
@@ -122,6 +170,68 @@ def check_indexed_dataset(prefix: str) -> IndexInfo:
         raise _corrupt(bin_path(prefix), f"{actual} bytes, but {info.path} describes "
                                          f"{info.bin_bytes}")
     return info
+
+
+def file_identity(prefix: str) -> dict[str, list[int]]:
+    """[size, mtime_ns, inode] of the .bin and the .idx: changes whenever either is rewritten."""
+    identity = {}
+    for kind, path in (("bin", bin_path(prefix)), ("idx", idx_path(prefix))):
+        st = os.stat(path)
+        identity[kind] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return identity
+
+
+def stats_path(prefix: str) -> str:
+    return prefix + STATS_SUFFIX
+
+
+def token_id_range(prefix: str, info: IndexInfo | None = None) -> tuple[int, int]:
+    """(smallest, largest) token id of a dataset ((0, -1) when it has no tokens).
+
+    One pass over the .bin in ``SCAN_CHUNK_BYTES`` chunks (memory stays bounded), cached in
+    ``<prefix>.stats.json`` under the data files' :func:`file_identity` and recomputed when
+    they change; a directory that cannot be written just means no cache.
+    """
+    identity = file_identity(prefix)
+    try:
+        with open(stats_path(prefix)) as f:
+            cached = json.load(f)
+        if cached["identity"] == identity:
+            return int(cached["min_token_id"]), int(cached["max_token_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    info = info if info is not None else check_indexed_dataset(prefix)
+    low, high = _scan_token_range(bin_path(prefix), info.dtype)
+    _write_json_atomically(stats_path(prefix), {"identity": identity, "min_token_id": low,
+                                                "max_token_id": high})
+    return low, high
+
+
+def _scan_token_range(path: str, dtype: np.dtype) -> tuple[int, int]:
+    lows, highs = [0], [-1]
+    with open(path, "rb") as f:
+        while len(chunk := np.fromfile(f, dtype=dtype, count=SCAN_CHUNK_BYTES // dtype.itemsize)):
+            highs.append(int(chunk.max()))
+            lows.append(int(chunk.min()))
+    return (min(lows[1:]) if len(lows) > 1 else 0), max(highs)
+
+
+def _write_json_atomically(path: str, record: dict) -> bool:
+    """Temp file in the same directory + os.replace; False (nothing written) when it cannot."""
+    directory, name = os.path.split(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=TMP_SUFFIX)
+    except OSError:
+        return False
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        return False
 
 
 class IndexedDatasetWriter:
@@ -193,7 +303,7 @@ class IndexedDatasetWriter:
         self._copy_tokens(bin_path(prefix), info.dtype)
         self.num_sequences += info.num_sequences
         self.num_documents += info.num_documents
-        self.num_tokens += info.bin_bytes // info.dtype.itemsize
+        self.num_tokens += info.num_tokens
 
     def _copy_tokens(self, path: str, dtype: np.dtype) -> None:
         with open(path, "rb") as src:
