@@ -27,10 +27,34 @@ import time
 from pathlib import Path
 
 from megatron_tempnet.config import ConfigError
+from megatron_tempnet.files import write_json_atomic
 
 EXIT_CODE_BAD_INPUT = 2
 EXIT_STATUS_FILE = "exit_status.json"
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class EarlySignals:
+    """A SIGTERM / SIGUSR1 handler for the seconds before RunControl exists (imports, parsing):
+    it records the signal instead of dying with 143; RunControl takes the record over
+    (``checkpointing.RunControl.__enter__``) and stops the run once that is safe."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def __call__(self, signum, frame) -> None:
+        self.received = signum
+
+    @classmethod
+    def install(cls) -> "EarlySignals":
+        import signal
+
+        handler = cls()
+        for name in cls.SIGNALS:
+            signal.signal(getattr(signal, name), handler)
+        return handler
 
 
 def process_rank() -> int:
@@ -113,17 +137,10 @@ def write_exit_status(directory, code: int, reason: str, message: str,
     record = {"exit_code": code, "reason": reason, "message": message, "iteration": iteration,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
               "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-    tmp = path.with_name(f".{EXIT_STATUS_FILE}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_json_atomic(path, record)
     except OSError:
-        tmp.unlink(missing_ok=True)
         return None
     return path
 

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import sys
 
+from megatron_tempnet.config import ConfigError
 from megatron_tempnet.training.evaluate import EvalConfig, format_eval_table
 
 SPLITS = ("valid", "test")
@@ -75,18 +76,19 @@ def main(argv=None, log=None) -> dict:
     from megatron_tempnet.data.datasets import build_datasets, build_micro_batch_iterator
     from megatron_tempnet.data.tokenizers import load_tokenizer
     from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
+    from megatron_tempnet.arguments import resolve
     from megatron_tempnet.parallel import initialize, shutdown
+    from megatron_tempnet.parallel.runtime import detect_launch_env
     from megatron_tempnet.training.evaluate import evaluate
     from megatron_tempnet.training.optim import precision_dtype
 
     log = log or (lambda line: print(line, flush=True))
     run, eval_cfg, split, jsonl = parse(argv)
-    par, tr = run.parallel.validate(), run.train
-    ctx = initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, tr.seed)
-    tr.validate(ctx.dp_size)
-
+    par, tr = run.parallel, run.train
     tokenizer = load_tokenizer(run.data.tokenizer_type, run.data.tokenizer_model)
     run.model.vocab_size = tokenizer.vocab_size
+    resolve(run, detect_launch_env().world_size)  # every check before process groups and data
+    ctx = initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, tr.seed)
     samples = eval_cfg.eval_iters * tr.global_batch_size
     _, valid_ds, test_ds = build_datasets(
         run.data, tokenizer, seq_length=tr.seq_length, seed=tr.seed, train_samples=1,
@@ -94,11 +96,12 @@ def main(argv=None, log=None) -> dict:
         test_samples=samples if split == "test" else 0)
     dataset = valid_ds if split == "valid" else test_ds
     if dataset is None:
-        raise SystemExit(f"--data-path with --split {run.data.split!r} has no {split} documents: "
-                         f"give the {split} split a weight > 0")
+        raise ConfigError(f"--data-path with --split {run.data.split!r} has no {split} "
+                          f"documents: give the {split} split a weight > 0")
     batches = build_micro_batch_iterator(dataset, tr.micro_batch_size, tr.global_batch_size,
                                          ctx.dp_rank, ctx.dp_size,
-                                         num_workers=run.data.num_workers)
+                                         num_workers=run.data.num_workers,
+                                         vocab_size=tokenizer.vocab_size)
 
     model = build_tempnet_model(run.model, run.tempnet, ctx,
                                 params_dtype=precision_dtype(tr.precision), seed=tr.seed)
@@ -120,6 +123,16 @@ def main(argv=None, log=None) -> dict:
     return metrics
 
 
+def command(argv=None) -> int:
+    """``python -m megatron_tempnet.evaluate``: a bad input ends as one line and exit code 2."""
+    from megatron_tempnet.cli import run_command
+
+    def evaluate_command(args) -> int:
+        main(args)
+        return 0
+
+    return run_command(evaluate_command, argv)
+
+
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(command())

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_tempnet.config import ConfigError
+from megatron_tempnet.files import write_json_atomic
 from megatron_tempnet.tempnet.config import ARCHS, LOSS_MODES, TRAINING_MODES, TempNetConfig
 
 # Loss modes whose training does not depend on rho: plain CE; the DRO loss at a fixed tau
@@ -470,15 +471,6 @@ def _curves(records: list[dict]) -> tuple[list[dict], list[dict]]:
 def _parameters(log_path: Path) -> int | None:
     match = re.search(r"model \w+: ([\d,]+) parameters", log_path.read_text(errors="replace"))
     return int(match.group(1).replace(",", "")) if match else None
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_finished(cfg: StudyConfig, cell: Cell) -> dict | None:

@@ -1,6 +1,7 @@
 """Entry point: ``torchrun --nproc_per_node N -m megatron_tempnet.train --model tiny-llama ...``.
 
-Builds, in order: process groups -> tokenizer -> datasets -> model stage -> DDP -> optimizer ->
+Builds, in order: tokenizer -> every config check (arguments.resolve) -> process groups ->
+datasets -> model stage -> DDP -> optimizer ->
 scheduler -> checkpoint (--load) -> data position, then runs the train loop
 (megatron_tempnet/training/loop.py). Exit codes: 0 done; checkpointing.EXIT_CODE_PREEMPTED (3,
 SIGTERM/SIGUSR1) and EXIT_CODE_TIME_LIMIT (4, --exit-duration-in-mins) after saving a checkpoint;
@@ -8,21 +9,32 @@ EXIT_CODE_DIVERGED (5) on a non-finite loss / grad norm or a loss spike, nothing
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: a SIGTERM while they run is recorded
+    from megatron_tempnet.cli import EarlySignals
+
+    EarlySignals.install()
+
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_tempnet.arguments import RunConfig, parse_args
+from megatron_tempnet.arguments import RunConfig, parse_args, resolve
+from megatron_tempnet.cli import error_line, process_rank, run_command, write_exit_status
 from megatron_tempnet.data.datasets import (build_datasets, build_micro_batch_iterator,
                                             num_samples)
 from megatron_tempnet.data.tokenizers import load_tokenizer
 from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
 from megatron_tempnet.parallel import ParallelContext, initialize, shutdown
-from megatron_tempnet.training.checkpointing import (EXIT_CODE_DIVERGED, Checkpointer, RunControl,
-                                                     TrainingDiverged, read_latest, run_record)
+from megatron_tempnet.parallel.runtime import detect_launch_env
+from megatron_tempnet.training.checkpointing import (EXIT_CODE_DIVERGED, EXIT_CODE_PREEMPTED,
+                                                     EXIT_CODE_TIME_LIMIT, Checkpointer,
+                                                     RunControl, TrainingDiverged, read_latest,
+                                                     run_record)
 from megatron_tempnet.training.ddp import wrap_ddp
+from megatron_tempnet.training.save_dir import acquire_lock
 from megatron_tempnet.training.evaluate import EvalCallback
 from megatron_tempnet.training.flops import flops_per_token, peak_flops
 from megatron_tempnet.training.loop import TrainState, train
@@ -51,7 +63,16 @@ class Trainer:
     step: object = None  # the DeepSpeed engine's step; None: the megatron-core step
 
     def train(self, callbacks=()) -> TrainState:
+        """The train loop; a signal received during start-up stops before the first iteration
+        (exit code 3: the loaded checkpoint, if any, stays current)."""
         try:
+            with self.control:
+                stop = self.control.stop_before_training()
+                if stop is not None:
+                    self.state.exit_code, self.state.stop_reason = stop.exit_code, stop.message
+                    if self.ctx.rank == 0:
+                        log(stop.message)
+                    return self.state
             return train(self.model_chunks, self.optimizer, self.scheduler, self.batches,
                          self.run.train, self.ctx, state=self.state, log=log,
                          checkpointer=self.checkpointer, control=self.control,
@@ -61,17 +82,20 @@ class Trainer:
             for callback in self.callbacks:
                 if isinstance(callback, MetricsCallback):
                     callback.logger.close()
+            if self.checkpointer is not None:
+                self.checkpointer.close()
 
 
-def build(run: RunConfig, start_time: float | None = None) -> Trainer:
-    """Process groups (re)initialized in this process, data, model, optimizer, and --load."""
-    par, tr, ck = run.parallel.validate(), run.train, run.checkpoint.validate()
-    ctx = initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, tr.seed)
-    tr.validate(ctx.dp_size)
-
-    ev, ds = run.eval.validate(), run.deepspeed.validate()
+def build(run: RunConfig, start_time: float | None = None,
+          control: RunControl | None = None) -> Trainer:
+    """Process groups (re)initialized in this process, data, model, optimizer, and --load.
+    ``control``: the run control whose signal handlers are already installed (train.py's
+    command enters it before start-up, so that a SIGTERM during --load is honoured)."""
+    par, tr, ck, ev, ds = run.parallel, run.train, run.checkpoint, run.eval, run.deepspeed
     tokenizer = load_tokenizer(run.data.tokenizer_type, run.data.tokenizer_model)
     run.model.vocab_size = tokenizer.vocab_size
+    resolve(run, detect_launch_env().world_size)  # every check before process groups and data
+    ctx = initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, tr.seed)
     n_train, n_valid, _ = num_samples(tr.train_iters, tr.global_batch_size, ev.eval_iters,
                                       ev.eval_interval or None)
     train_ds, valid_ds, _ = build_datasets(run.data, tokenizer, seq_length=tr.seq_length,
@@ -79,7 +103,8 @@ def build(run: RunConfig, start_time: float | None = None) -> Trainer:
                                            valid_samples=n_valid)
     batches, valid_batches = (
         build_micro_batch_iterator(d, tr.micro_batch_size, tr.global_batch_size, ctx.dp_rank,
-                                   ctx.dp_size, num_workers=run.data.num_workers)
+                                   ctx.dp_size, num_workers=run.data.num_workers,
+                                   vocab_size=tokenizer.vocab_size)
         for d in (train_ds, valid_ds))
 
     model = build_tempnet_model(run.model, run.tempnet, ctx,
@@ -104,8 +129,10 @@ def build(run: RunConfig, start_time: float | None = None) -> Trainer:
         calibrate_initial_tau(run, chunks, optimizer, ctx, lambda: build_micro_batch_iterator(
             train_ds, tr.micro_batch_size, tr.global_batch_size, ctx.dp_rank, ctx.dp_size))
     batches.load_state_dict({"consumed_samples": consumed})
-    return Trainer(run, ctx, chunks, optimizer, scheduler, batches, checkpointer,
-                   RunControl(ck, start_time=start_time, device=ctx.device),
+    if control is None:
+        control = RunControl(ck, start_time=start_time)
+    control.device, control.vocab_size = ctx.device, tokenizer.vocab_size
+    return Trainer(run, ctx, chunks, optimizer, scheduler, batches, checkpointer, control,
                    TrainState(iteration=iteration, consumed_samples=consumed),
                    _callbacks(run, chunks, valid_batches, ctx), step)
 
@@ -179,20 +206,53 @@ def _deepspeed(run: RunConfig, model, ctx: ParallelContext):
             checkpointer)
 
 
-def main(argv=None) -> int:
+EXIT_REASONS = {0: "done", EXIT_CODE_PREEMPTED: "preempted", EXIT_CODE_TIME_LIMIT: "time limit",
+                EXIT_CODE_DIVERGED: "diverged"}
+
+
+def _main(argv, status: dict) -> int:
+    """Parse, lock --save (rank 0: ``status["dir"]`` then names where exit_status.json goes:
+    "running" from here on, the outcome at the end), build, train."""
     start_time = time.time()
     run = parse_args(argv)
-    try:
-        exit_code = build(run, start_time).train().exit_code
-    except TrainingDiverged as e:  # every rank raises it (RunControl's all-reduce)
-        save = run.checkpoint.save
-        latest = read_latest(save) if save else None
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            log(f"{e}; " + (f"the last checkpoint, iteration {latest} in {save}, is untouched"
-                            if latest is not None else "no checkpoint was saved"))
-        exit_code = EXIT_CODE_DIVERGED
+    save, rank0 = run.checkpoint.save, process_rank() == 0
+    if save and rank0:
+        acquire_lock(Path(save))  # another run writing there: one line, nothing written
+        status["dir"] = save
+        write_exit_status(save, None, "running", "started", None)
+    control = RunControl(run.checkpoint, start_time=start_time)
+    state = None
+    with control:  # a SIGTERM from here on stops the run once that is safe
+        try:
+            state = build(run, start_time, control).train()
+            code, message = state.exit_code, state.stop_reason or "finished"
+        except TrainingDiverged as e:  # every rank raises it (RunControl's all-reduce)
+            latest = read_latest(save) if save else None
+            message = f"{e}; " + (f"the last checkpoint, iteration {latest} in {save}, is "
+                                  "untouched" if latest is not None else "no checkpoint was saved")
+            if e.since is not None and latest is not None and latest >= e.since:
+                message += (f" (but it is past the collapse at iteration {e.since}: resume from "
+                            "an earlier one with --load " + f"{save}/iter_<N>)")
+            if rank0:
+                log(message)
+            code = EXIT_CODE_DIVERGED
+        except Exception as e:
+            if status.get("dir") and error_line(e) is None:  # a bug: keep the traceback
+                write_exit_status(status["dir"], 1, "crashed", f"{type(e).__name__}: {e}")
+            raise
+    if status.get("dir"):
+        write_exit_status(status["dir"], code, EXIT_REASONS.get(code, "stopped"), message,
+                          state.iteration if state is not None else read_latest(save))
     shutdown()
-    return exit_code
+    return code
+
+
+def main(argv=None) -> int:
+    """The command: :func:`_main`; a bad input ends as one line and exit code 2 (cli.py),
+    recorded in <--save>/exit_status.json when this run holds --save."""
+    status: dict = {}
+    return run_command(lambda args: _main(args, status), argv,
+                       status_dir=lambda: status.get("dir"))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@
 #   EXIT_CODE_PREEMPTED. The batch shell then requeues the job (`scontrol requeue`); the new
 #   attempt finds CHECKPOINT_DIR/latest_checkpointed_iteration.txt and passes --load.
 #   torchrun reports any worker failure as exit code 1, so the workers' own exit code is read
-#   from torchrun's failure report in the attempt's log ("exitcode  : 3"): a trainer that exits
+#   from CHECKPOINT_DIR/exit_status.json (the trainer writes it), else from torchrun's failure
+#   report in the attempt's log ("exitcode  : 3"): a trainer that exits
 #   with EXIT_CODE_PREEMPTED or EXIT_CODE_TIME_LIMIT on its own (a signal sent to it directly,
 #   --exit-duration-in-mins via EXIT_DURATION_MINS) is requeued as well. Any other failure
 #   (EXIT_CODE_DIVERGED included) is not. Make <seconds> larger than a checkpoint save (see docs/parallel_layouts.md).
@@ -173,6 +174,15 @@ _on_signal() {
   fi
 }
 
+# The trainer's exit code from CHECKPOINT_DIR/exit_status.json (written atomically by rank 0),
+# if this attempt wrote it (modified at or after epoch seconds $1); empty otherwise.
+_trainer_exit_code() {
+  local f="$CHECKPOINT_DIR/exit_status.json"
+  [[ "$CHECKPOINT_DIR" != none && -f "$f" ]] || return 0
+  (( $(stat -c %Y "$f") >= $1 )) || return 0
+  sed -n 's/.*"exit_code": \([0-9][0-9]*\).*/\1/p' "$f" | head -1
+}
+
 # wait for a background child, again after each trapped signal; return its exit status.
 _wait_child() {
   local rc
@@ -230,6 +240,8 @@ launch() {
   _quote "${LAUNCH_CMD[@]}" >> "$log"
 
   PREEMPTED_BY=""
+  local started
+  started=$(date +%s)
   trap '_on_signal USR1' USR1
   trap '_on_signal TERM' TERM
   "${LAUNCH_CMD[@]}" > >(tee -a "$log") 2>&1 &
@@ -241,6 +253,11 @@ launch() {
 
   local preempted=0
   local codes="($EXIT_CODE_PREEMPTED|$EXIT_CODE_TIME_LIMIT)"
+  local trainer_rc
+  trainer_rc=$(_trainer_exit_code "$started")
+  if [[ -n "$trainer_rc" && "$trainer_rc" != 0 ]] && (( rc != 0 )); then
+    rc=$trainer_rc  # the trainer's own code (torchrun reports every failure as 1)
+  fi
   if [[ -n "$PREEMPTED_BY" ]] || (( rc == EXIT_CODE_PREEMPTED || rc == EXIT_CODE_TIME_LIMIT )) \
       || grep -Eq "exitcode +: +$codes( |$)" "$log" 2>/dev/null; then
     preempted=1

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from megatron_tempnet.config import padded_vocab_size
+from megatron_tempnet.config import ConfigError, padded_vocab_size
 
 SENTENCEPIECE = "sentencepiece"
 HUGGINGFACE = "huggingface"
@@ -36,7 +36,7 @@ BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|bos|>", "[BOS]")
 NO_PAD_ID = -1
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ConfigError):
     """A tokenizer that cannot be loaded or used; the message names the file and the fix."""
 
 

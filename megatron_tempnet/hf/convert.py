@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from megatron_tempnet.config import ConfigError, ModelConfig
 from megatron_tempnet.tempnet.config import TempNetConfig
+from megatron_tempnet.training import integrity
 
 
 def _single_process():
@@ -54,6 +56,9 @@ def load_checkpoint_full(load: str) -> tuple[dict, ModelConfig, TempNetConfig]:
     if path is None:
         raise ConfigError(f"--load {load}: no checkpoint there yet")
     _check_complete(path)
+    if integrity.verify_manifest(path) != "verified":
+        print(f"warning: {path} has no {integrity.MANIFEST} (saved before checksums were "
+              "recorded): its files are not verified", file=sys.stderr)
     model_cfg, tempnet_cfg, record = checkpoint_config(path)
     cfg = model_for_layout(model_cfg, record["parallel"]["tp"])
     ctx = _single_process()
@@ -196,6 +201,7 @@ def hf_to_checkpoint(hf_dir: str, save: str, make_vocab_size_divisible_by: int =
                          "train": dataclasses.asdict(TrainConfig()),
                          "parallel": {"tp": target_tp, "pp": 1, "dp": 1}})
     save_sharded(state, path)
+    integrity.write_manifest(path)
     write_latest(save, 0)
     return path
 

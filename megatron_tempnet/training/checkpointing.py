@@ -58,8 +58,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_tempnet.cli import EarlySignals, disk_full_cause
 from megatron_tempnet.config import ConfigError
+from megatron_tempnet.files import write_text_atomic
 from megatron_tempnet.tempnet.config import TEMPNET_LOSS_MODES
+from megatron_tempnet.training import integrity, save_dir
 
 EXIT_CODE_PREEMPTED = 3  # SIGTERM / SIGUSR1: checkpoint saved, requeue the job
 EXIT_CODE_TIME_LIMIT = 4  # --exit-duration-in-mins: checkpoint saved, requeue the job
@@ -104,6 +107,13 @@ class CheckpointConfig:
                     optimizer; the lr schedule continues at the loaded iteration) / the RNG states.
     loss_spike_factor: stop (like a NaN) when the loss exceeds factor x its running mean
                     (None: off).
+    collapse_patience: stop (like a NaN) when the lm loss, after having dropped below ln V,
+                    sits at ln V (uniform predictions) for this many iterations (0: off).
+    override_opt_param_scheduler / use_checkpoint_opt_param_scheduler: Megatron-LM's pair for
+                    a resume whose lr / weight-decay schedule flags differ from the
+                    checkpoint's: this run's values (Adam moments kept), or the checkpoint's;
+                    with neither, the difference is an error naming both.
+    no_checkpoint_checksums: neither record checksums at save nor verify them at load.
     """
 
     save: str | None = None
@@ -116,6 +126,10 @@ class CheckpointConfig:
     no_load_optim: bool = False
     no_load_rng: bool = False
     loss_spike_factor: float | None = None
+    collapse_patience: int = 20
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
+    no_checkpoint_checksums: bool = False
 
     def validate(self) -> "CheckpointConfig":
         for name in ("save_interval", "keep_last"):
@@ -132,11 +146,27 @@ class CheckpointConfig:
         if self.loss_spike_factor is not None and not self.loss_spike_factor > 1:
             raise ConfigError(f"--loss-spike-factor {self.loss_spike_factor!r}: must be > 1 "
                               "(e.g. 3: stop when the loss triples its running mean)")
+        if not isinstance(self.collapse_patience, int) or self.collapse_patience < 0:
+            raise ConfigError(f"--collapse-patience {self.collapse_patience!r}: must be an "
+                              "integer >= 0 (iterations at ln V before stopping; 0: off)")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise ConfigError("--override-opt-param-scheduler and "
+                              "--use-checkpoint-opt-param-scheduler contradict each other: "
+                              "choose this run's schedule or the checkpoint's")
+        if self.finetune and not self.load:
+            raise ConfigError("--finetune needs --load CHECKPOINT (the weights to start from); "
+                              "without it the run would train from random weights")
         return self
 
 
 class TrainingDiverged(RuntimeError):
-    """Non-finite loss / gradient norm or a loss spike; raised on every rank, nothing saved."""
+    """Non-finite loss / gradient norm, a loss spike, or a collapse to ln V; raised on every
+    rank, nothing saved. ``since``: the first iteration of a collapse (checkpoints from it on
+    predict uniformly)."""
+
+    def __init__(self, message: str, since: int | None = None):
+        super().__init__(message)
+        self.since = since
 
 
 # --- directory layout ----------------------------------------------------------------------
@@ -158,13 +188,7 @@ def read_latest(root: str | os.PathLike) -> int | None:
 
 def write_latest(root: str | os.PathLike, iteration: int) -> None:
     """Point the marker at ``iteration`` atomically: a crash leaves the old or the new one."""
-    marker = Path(root) / LATEST_FILE
-    tmp = marker.with_name(f".{LATEST_FILE}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(f"{iteration}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, marker)
+    write_text_atomic(Path(root) / LATEST_FILE, f"{iteration}\n")
 
 
 def saved_iterations(root: str | os.PathLike) -> list[int]:
@@ -172,14 +196,21 @@ def saved_iterations(root: str | os.PathLike) -> list[int]:
                   if p.is_dir() and (m := re.fullmatch(r"iter_(\d+)", p.name)))
 
 
-def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> list[int]:
-    """Delete all but the newest ``keep_last`` checkpoints up to the current one; never the
-    current one, never newer (unfinished) directories. Returns the deleted iterations."""
+def complete_iterations(root: str | os.PathLike) -> list[int]:
+    """The iterations of ``root``'s complete checkpoint directories (any format)."""
+    return [i for i in saved_iterations(root) if checkpoint_format(iteration_dir(root, i))]
+
+
+def prune_checkpoints(root: str | os.PathLike, keep_last: int, lineage: str) -> list[int]:
+    """Delete all but the newest ``keep_last`` complete checkpoints up to the current one:
+    only those ``lineage`` wrote (save_dir.py), never the current one, never newer
+    (unfinished) directories. Returns the deleted iterations."""
     latest = read_latest(root)
     if latest is None:
         return []
-    older = [i for i in saved_iterations(root) if i <= latest]
-    doomed = [i for i in older[:-keep_last] if i != latest]
+    older = [i for i in complete_iterations(root) if i <= latest]
+    doomed = save_dir.prunable({i: iteration_dir(root, i) for i in older[:-keep_last]},
+                               latest, lineage)
     for iteration in doomed:
         shutil.rmtree(iteration_dir(root, iteration), ignore_errors=True)
     return doomed
@@ -231,6 +262,15 @@ def resolve_load_dir(load: str, save: str | None, fmt: str = "torch_dist") -> Pa
     if (root / complete).exists():
         return root
     if save is not None and Path(save).resolve() == root.resolve():
+        found = saved_iterations(root) if root.is_dir() else []
+        complete = [i for i in found if checkpoint_format(iteration_dir(root, i)) == fmt]
+        if complete:
+            newest = iteration_dir(root, complete[-1])
+            raise ConfigError(
+                f"--load {load}: {LATEST_FILE} is missing but {root} holds checkpoints "
+                f"({', '.join(f'iter_{i:07d}' for i in complete[-3:])}): refusing to start "
+                f"from scratch over them; resume from the newest with --load {newest} (or "
+                f"restore the marker: echo {complete[-1]} > {root / LATEST_FILE})")
         return None
     if not root.exists():
         raise ConfigError(f"--load {load}: no such directory; give the directory a run wrote "
@@ -279,6 +319,54 @@ def check_shapes(path: Path, saved: dict, current: dict, *, finetune: bool) -> N
     if bad:
         raise ConfigError(f"checkpoint {path} was saved with another model shape: "
                           + "; ".join(bad) + ". Use the model flags of the run that saved it.")
+
+
+# Settings that change what a loaded model computes (evaluation and resume; --finetune may
+# change them), what a resume's data order is, and its lr / weight-decay schedule.
+TEMPNET_SEMANTIC_FIELDS = ("tau_min", "tau_max", "rho", "fixed_tau", "input_convention")
+DATA_ORDER_FIELDS = ("seq_length", "seed")
+SCHEDULE_FIELDS = {"train": ("lr", "min_lr", "lr_warmup_iters", "lr_decay_style",
+                             "weight_decay"),
+                   "tempnet": ("lr", "lr_schedule", "weight_decay")}
+
+
+def _flag(section: str, name: str) -> str:
+    return ("--tempnet-" if section == "tempnet" else "--") + name.replace("_", "-")
+
+
+def _differences(saved: dict, current: dict, fields) -> list[tuple[str, object, object]]:
+    """(flag, checkpoint value, this run's value) for each (section, field) that differs
+    (fields missing in an older checkpoint's record are not compared)."""
+    out = []
+    for section, name in fields:
+        old, new = saved.get(section, {}), current[section]
+        if name in old and old[name] != new.get(name):
+            out.append((_flag(section, name), old[name], new.get(name)))
+    return out
+
+
+def _describe(diffs) -> str:
+    return "; ".join(f"{flag}: checkpoint {old!r}, this run {new!r}" for flag, old, new in diffs)
+
+
+def semantic_differences(saved: dict, current: dict) -> list:
+    """TempNet settings that change every number of a loaded TempNet / DRO model."""
+    if current["tempnet"]["loss_mode"] == "ce":
+        return []
+    return _differences(saved, current, [("tempnet", n) for n in TEMPNET_SEMANTIC_FIELDS])
+
+
+def schedule_differences(saved: dict, current: dict) -> list:
+    """lr / weight-decay schedule settings that differ (the decay length as the scheduler
+    sees it: --lr-decay-iters, else --train-iters)."""
+    fields = [(s, n) for s, names in SCHEDULE_FIELDS.items() for n in names
+              if s == "train" or current["tempnet"]["loss_mode"] != "ce"]
+    diffs = _differences(saved, current, fields)
+    decay = [r["train"].get("lr_decay_iters") or r["train"].get("train_iters")
+             for r in (saved, current)]
+    if decay[0] != decay[1] and current["train"]["lr_decay_style"] != "constant":
+        diffs.append(("--lr-decay-iters (default: --train-iters)", *decay))
+    return diffs
 
 
 # --- RNG states ------------------------------------------------------------------------------
@@ -390,10 +478,38 @@ def load_optimizer_state(optimizer, state_dict) -> None:
             adam[p]["step"] = step.clone()
 
 
+# Param-group entries the scheduler reads (kept from this run under
+# --override-opt-param-scheduler; the optimizer's load replaces them with the checkpoint's).
+SCHEDULE_GROUP_KEYS = ("max_lr", "min_lr", "constant_lr", "weight_decay", "start_wd", "end_wd",
+                       "lr_mult", "wd_mult")
+
+
 # DistributedOptimizer param_state_sharding_type -> its load_parameter_state_from_* method
 PARAM_STATE_LOADERS = {"fully_reshardable": "fully_reshardable",
                        "fully_sharded_model_space": "fs_model_space",
                        "dp_reshardable": "dp_reshardable", "dp_zero_gather_scatter": "dp_zero"}
+
+
+DISK_FULL_BYTES = 64 << 20  # a failed write with less free space than this: the disk is full
+
+
+def raise_if_disk_full(exc: Exception, path: Path, latest: int | None) -> None:
+    """A save that failed on a full disk (torch's serializer reports it as "unexpected pos
+    ..."; the ENOSPC may be lost) -> one ConfigError line naming it; else return."""
+
+    try:
+        free = shutil.disk_usage(path if path.exists() else path.parent).free
+    except OSError:
+        free = None
+    if disk_full_cause(exc) is None and (free is None or free >= DISK_FULL_BYTES):
+        return
+    errno_text = re.search(r"\[Errno \d+\][^:;)]*", " ".join(str(exc).split()))
+    cause = errno_text.group(0).strip() if errno_text else type(exc).__name__
+    kept = (f"the marker still names iteration {latest}" if latest is not None
+            else "no checkpoint was complete before it")
+    raise ConfigError(f"no space left on the device while saving {path} ({free or 0:,} bytes "
+                      f"free; {cause}): free space or --save elsewhere and resume; "
+                      f"{kept}, the checkpoints already written are unchanged") from exc
 
 
 def _barrier():
@@ -426,6 +542,8 @@ class Checkpointer:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.ctx, self.record, self.log = ctx, record, log
         self.last_saved: int | None = None
+        self.lineage: str | None = None  # set by plan_load (save_dir.py)
+        self._schedule_groups: list | None = None  # --override-opt-param-scheduler
 
     def due(self, iteration: int, stopping: bool) -> bool:
         """Save now? Every save_interval iterations, and whenever the run stops early or ends."""
@@ -435,27 +553,42 @@ class Checkpointer:
         return stopping or (interval is not None and iteration % interval == 0)
 
     def save(self, iteration: int, consumed_samples: int) -> Path:
-        """1. rank 0 clears a stale (unfinished) directory of this iteration; 2. every rank
-        writes its part (:meth:`write`; the RNG states untouched by the save); 3. after a
-        barrier rank 0 points the marker at it, then 4. deletes checkpoints beyond keep_last."""
+        """1. every rank checks that an existing directory of this iteration is this lineage's
+        (save_dir.py); rank 0 clears it and records the writer; 2. every rank writes its part
+        (:meth:`write`; the RNG states untouched by the save); 3. the ranks hash the files into
+        the checkpoint's checksums.json (integrity.py); 4. rank 0 points the marker at it, then
+        5. deletes this lineage's checkpoints beyond keep_last. A full disk ends as one line
+        naming it; the marker still names the previous checkpoint."""
         root, rank0 = Path(self.cfg.save), self.ctx.rank == 0
         path = iteration_dir(root, iteration)
         if read_latest(root) == iteration:  # every rank raises: nobody waits at a barrier
             raise ConfigError(f"--save {root}: {path} is the current checkpoint; refusing to "
                               "overwrite it (save into another directory)")
-        if rank0:
-            shutil.rmtree(path, ignore_errors=True)
-            path.mkdir(parents=True)
+        save_dir.may_replace(path, self.lineage)  # every rank decides alike, before any change
         _barrier()
         t0 = time.perf_counter()
-        rng = get_rng_state()
-        self.write(path, iteration, consumed_samples, rng)
-        set_rng_state(rng)  # saving must not move any generator: resume stays bitwise exact
-        _barrier()
+        try:
+            if rank0:
+                if path.exists():
+                    self.log(f"replacing {path}: an unfinished save of this run")
+                    shutil.rmtree(path)
+                path.mkdir(parents=True)
+                save_dir.write_writer(path, self.lineage, iteration)
+            _barrier()
+            rng = get_rng_state()
+            self.write(path, iteration, consumed_samples, rng)
+            set_rng_state(rng)  # saving must not move any generator: resume stays bitwise exact
+            _barrier()
+            if not self.cfg.no_checkpoint_checksums:
+                integrity.write_manifest(path)
+        except BaseException as e:  # torch's CheckpointException is a BaseException
+            if isinstance(e, Exception) or type(e).__name__ == "CheckpointException":
+                raise_if_disk_full(e, path, read_latest(root))
+            raise
         if rank0:
             write_latest(root, iteration)
             if self.cfg.keep_last:
-                prune_checkpoints(root, self.cfg.keep_last)
+                prune_checkpoints(root, self.cfg.keep_last, self.lineage)
         _barrier()
         self.last_saved = iteration
         if rank0:
@@ -466,7 +599,8 @@ class Checkpointer:
         """What every format stores beside the tensors (the run record: the shape check)."""
         return {"iteration": iteration, "consumed_samples": consumed_samples,
                 "scheduler": self.scheduler.state_dict(),
-                "checkpoint_version": CHECKPOINT_VERSION, "config": self.record}
+                "checkpoint_version": CHECKPOINT_VERSION, "config": self.record,
+                "lineage": self.lineage}
 
     def write(self, path: Path, iteration: int, consumed_samples: int, rng: dict) -> None:
         """This rank's shards of the whole training state into ``path``."""
@@ -478,10 +612,25 @@ class Checkpointer:
         save_sharded(state_dict, path)
 
     def plan_load(self, read_saved) -> LoadPlan | None:
-        """Resolve ``--load`` (None: nothing to load) and decide what to restore.
-        ``read_saved(path)`` returns the checkpoint's common state (no tensors read); its run
-        record must give this run's tensor shapes. RNG states are restored at the same
-        (TP, PP, DP) layout only."""
+        """Resolve ``--load`` (None: nothing to load), decide what to restore, check that the
+        checkpoint fits this run, and claim ``--save`` (lock, lineage: save_dir.py).
+        ``read_saved(path)`` returns the checkpoint's common state (no tensors read)."""
+        plan = self._plan(read_saved)
+        if plan is None and (self.cfg.finetune or self.record["tempnet"].get(
+                "training_mode") in ("finetune", "frozen_lm")):
+            mode = self.record["tempnet"].get("training_mode")
+            what = "--finetune" if self.cfg.finetune else f"--tempnet-training-mode {mode}"
+            raise ConfigError(f"{what} starts from a trained LM, but --load "
+                              f"{self.cfg.load or '(not given)'} holds no checkpoint: pass "
+                              "--load with the LM's checkpoint (the SLURM scripts: "
+                              "FINETUNE_FROM); without one it would train from random weights")
+        self.lineage = self._claim_save_dir(plan)
+        return plan
+
+    def _plan(self, read_saved) -> LoadPlan | None:
+        """What ``--load`` restores. Its run record must give this run's tensor shapes and
+        TempNet settings; a resume also its data order and lr schedule (or the flags saying
+        which schedule wins). RNG states are restored at the same (TP, PP, DP) layout only."""
         cfg = self.cfg
         if not cfg.load:
             return None
@@ -490,15 +639,96 @@ class Checkpointer:
             if self.ctx.rank == 0:
                 self.log(f"no checkpoint in {cfg.load} yet: starting from scratch")
             return None
+        if not cfg.no_checkpoint_checksums:
+            status = integrity.verify_manifest(path)
+            if status != "verified" and self.ctx.rank == 0:
+                self.log(f"warning: {path} has no {integrity.MANIFEST} (saved before checksums "
+                         "were recorded): its files are not verified")
         saved = read_saved(path)
         check_shapes(path, saved["config"], self.record, finetune=cfg.finetune)
         resume = not cfg.finetune
+        if resume:
+            self._check_resume(path, saved)
         saved_layout = saved["config"]["parallel"]
         load_rng = resume and not cfg.no_load_rng and saved_layout == self.layout()
         if resume and not cfg.no_load_rng and not load_rng and self.ctx.rank == 0:
             self.log(f"warning: {path} was saved at {saved_layout}, this run is "
                      f"{self.layout()}: RNG states not restored (the run continues, not bitwise)")
         return LoadPlan(path, saved, resume, resume and not cfg.no_load_optim, load_rng)
+
+    def _check_resume(self, path: Path, saved: dict) -> None:
+        """Settings a resume (and an evaluation) may not change silently; one line each."""
+        record, cfg, rank0 = saved["config"], self.cfg, self.ctx.rank == 0
+        fix = ("pass the checkpoint's value, or --finetune to start a new run (iteration 0) "
+               "from these weights")
+        diffs = semantic_differences(record, self.record)
+        if diffs:
+            raise ConfigError(f"checkpoint {path} was trained with other TempNet settings ("
+                              f"{_describe(diffs)}): they change every number it computes; "
+                              + fix)
+        if self.scheduler is None:  # evaluation: no data order, no schedule
+            return
+        diffs = _differences(record, self.record, [("train", n) for n in DATA_ORDER_FIELDS])
+        if diffs:
+            raise ConfigError(f"checkpoint {path}: {_describe(diffs)}: a resume continues the "
+                              "checkpoint's data order at its consumed samples; " + fix)
+        old_gbs = record["train"].get("global_batch_size")
+        new_gbs = self.record["train"]["global_batch_size"]
+        if old_gbs != new_gbs and rank0:
+            self.log(f"note: --global-batch-size {new_gbs} (the checkpoint used {old_gbs}): "
+                     f"the data position continues at the checkpoint's "
+                     f"{saved['consumed_samples']} consumed samples")
+        diffs = schedule_differences(record, self.record)
+        if not diffs or cfg.no_load_optim:  # --no-load-optim: this run's schedule already
+            return
+        if cfg.override_opt_param_scheduler:
+            self.scheduler.override_opt_param_scheduler = True
+            self.scheduler.use_checkpoint_opt_param_scheduler = False
+            self._schedule_groups = [{k: g[k] for k in SCHEDULE_GROUP_KEYS if k in g}
+                                     for g in self.optimizer.param_groups]
+            if rank0:
+                self.log(f"--override-opt-param-scheduler: this run's schedule ("
+                         f"{_describe(diffs)}); the optimizer state is loaded")
+        elif cfg.use_checkpoint_opt_param_scheduler:
+            if rank0:
+                self.log(f"--use-checkpoint-opt-param-scheduler: the checkpoint's schedule wins "
+                         f"({_describe(diffs)})")
+        else:
+            raise ConfigError(
+                f"checkpoint {path} was trained with another lr / weight-decay schedule ("
+                f"{_describe(diffs)}): pass the checkpoint's values, "
+                "--override-opt-param-scheduler (this run's values; the Adam state is kept), or "
+                "--use-checkpoint-opt-param-scheduler (the checkpoint's)")
+
+    def _claim_save_dir(self, plan: LoadPlan | None) -> str | None:
+        """Rank 0 locks ``--save`` and decides the lineage (save_dir.claim); every rank gets
+        the same lineage or raises the same error. None without --save."""
+        cfg = self.cfg
+        resuming = plan is not None and plan.resume
+        lineage = plan.saved.get("lineage") if resuming else None
+        if not cfg.save:
+            return lineage
+        result = None
+        if self.ctx.rank == 0:
+            root = Path(cfg.save)
+            try:
+                save_dir.acquire_lock(root)
+                result = ("ok", save_dir.claim(root, lineage, complete_iterations(root),
+                                               resuming, cfg.load))
+            except ConfigError as e:
+                result = ("error", str(e))
+        if dist.is_initialized():
+            box = [result]
+            dist.broadcast_object_list(box, src=0)
+            result = box[0]
+        if result[0] == "error":
+            raise ConfigError(result[1])
+        return result[1]
+
+    def close(self) -> None:
+        """Release ``--save``'s lock (a process that exits releases it too)."""
+        if self.cfg.save and self.ctx.rank == 0:
+            save_dir.release_lock(self.cfg.save)
 
     def layout(self) -> dict:
         return {"tp": self.ctx.tp_size, "pp": self.ctx.pp_size, "dp": self.ctx.dp_size}
@@ -510,6 +740,8 @@ class Checkpointer:
         one log line; returns (iteration, consumed_samples), (0, 0) with --finetune."""
         if plan.load_optim:
             self.scheduler.load_state_dict(scheduler_state)
+            for group, values in zip(self.optimizer.param_groups, self._schedule_groups or []):
+                group.update(values)  # --override-opt-param-scheduler: this run's lr / wd
         elif plan.resume and self.scheduler is not None:  # --no-load-optim: a fresh optimizer,
             self.scheduler.step(increment=plan.saved["iteration"])  # the lr schedule goes on
         if plan.load_rng:
@@ -591,29 +823,56 @@ class RunControl:
 
     SPIKE_WARMUP_ITERS = 10  # iterations before the running mean is trusted
     SPIKE_EMA = 0.9
+    COLLAPSE_LEARNED = 0.1  # the collapse check starts once the loss was 10% below ln V
+    COLLAPSE_TOLERANCE = 0.01  # "at ln V": within 1% of it, or above
 
     def __init__(self, cfg: CheckpointConfig | None = None, start_time: float | None = None,
-                 device="cpu"):
+                 device="cpu", vocab_size: int | None = None):
         self.cfg = cfg or CheckpointConfig()
-        self.device = device
+        self.device, self.vocab_size = device, vocab_size
         self.start_time = time.time() if start_time is None else start_time
         self.signal_received: int | None = None
         self._old_handlers: dict = {}
+        self._depth = 0
         self._mean_loss, self._seen = None, 0
+        self._best_loss, self._uniform_since = math.inf, None
 
     def __enter__(self) -> "RunControl":
-        if self.cfg.exit_signal_handler:
+        """Install the handlers (re-entrant: train.py enters before start-up, the loop again)."""
+        self._depth += 1
+        if self._depth == 1 and self.cfg.exit_signal_handler:
             for sig in STOP_SIGNALS:
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+                old = signal.signal(sig, self._on_signal)
+                if isinstance(old, EarlySignals):  # the command's start-up record
+                    self.signal_received = self.signal_received or old.received
+                    old = signal.SIG_DFL
+                self._old_handlers[sig] = old
         return self
 
     def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth:
+            return
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)
         self._old_handlers.clear()
 
     def _on_signal(self, signum, frame) -> None:
         self.signal_received = signum
+
+    def stop_before_training(self) -> Stop | None:
+        """A SIGTERM / SIGUSR1 received during start-up (or --load): every rank agrees to stop
+        before the first iteration, with the preemption exit code (nothing new to save)."""
+        flag = torch.tensor([float(self.signal_received is not None)], dtype=torch.float64,
+                            device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag)
+        if not flag.item():
+            return None
+        name = (signal.Signals(self.signal_received).name if self.signal_received
+                else "a signal on another rank")
+        return Stop(EXIT_CODE_PREEMPTED, f"received {name} during start-up: stopping before "
+                                         f"training (exit code {EXIT_CODE_PREEMPTED})")
 
     def check(self, iteration: int, reports: list, grad_norm) -> Stop | None:
         """After an iteration's optimizer step: agree with every rank on what happens next."""
@@ -638,6 +897,7 @@ class RunControl:
                 f"iteration {iteration}: non-finite training numbers (lm loss {loss:.4g}, grad "
                 f"norm {grad_norm}): stopping without saving a checkpoint")
         self._check_spike(iteration, loss)
+        self._check_collapse(iteration, loss)
         if signalled:
             name = (signal.Signals(self.signal_received).name if self.signal_received
                     else "a signal on another rank")
@@ -661,3 +921,26 @@ class RunControl:
         self._mean_loss = loss if self._mean_loss is None else (
             self.SPIKE_EMA * self._mean_loss + (1 - self.SPIKE_EMA) * loss)
         self._seen += 1
+
+    def _check_collapse(self, iteration: int, loss: float) -> None:
+        """The plateau at ln V: a model that learned (loss 10% below ln V) and then sits at
+        ln V (uniform predictions: what a NaN guard's "last good" checkpoint may already do)
+        for --collapse-patience iterations."""
+        patience, vocab = self.cfg.collapse_patience, self.vocab_size
+        if not patience or not vocab or vocab < 2 or not math.isfinite(loss):
+            return
+        ln_v = math.log(vocab)
+        self._best_loss = min(self._best_loss, loss)
+        if self._best_loss > (1 - self.COLLAPSE_LEARNED) * ln_v:
+            return  # not learned yet: the start of a run from scratch sits at ln V too
+        if loss < (1 - self.COLLAPSE_TOLERANCE) * ln_v:
+            self._uniform_since = None
+            return
+        self._uniform_since = self._uniform_since or iteration
+        if iteration - self._uniform_since + 1 >= patience:
+            raise TrainingDiverged(
+                f"iteration {iteration}: lm loss {loss:.4f} has sat at ln V = {ln_v:.4f} "
+                f"(uniform predictions over the vocabulary of {vocab}) since iteration "
+                f"{self._uniform_since}, after reaching {self._best_loss:.4f}: the model "
+                f"collapsed (--collapse-patience {patience}; 0 turns the check off); stopping "
+                "without saving a checkpoint", since=self._uniform_since)

@@ -99,7 +99,9 @@ def test_deepspeed_sigterm_on_one_rank_saves_and_exits_preempted(checkpoints):
 def test_deepspeed_checkpoint_layout_and_keep_last(checkpoints):
     for r in checkpoints:
         assert r["A_dirs"] == [4] and r["A_latest"] == 4
-        assert r["A_files"] == ["mp_rank_00_model_states.pt",  # one TP rank: module + client
+        assert r["A_files"] == ["checksums.json",  # every file's checksum (integrity.py)
+                                "mp_rank_00_model_states.pt",  # one TP rank: module + client
+                                "writer.json",  # the run lineage that wrote it (save_dir.py)
                                 "zero_pp_rank_0_mp_rank_00_optim_states.pt",  # ZeRO partition
                                 "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # per DP rank
         assert not r["A_ds_latest"]  # our marker only: DeepSpeed's 'latest' is not written

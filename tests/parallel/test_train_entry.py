@@ -45,6 +45,7 @@ def test_train_tiny_gpt_pp2_with_tempnet_lowers_loss(tiny_corpus):
                *tiny_corpus.data_flags(), "--seq-length", "64", "--micro-batch-size", "2",
                "--global-batch-size", "8", "--train-iters", "30", "--lr", "5e-3",
                "--log-interval", "5", "--eval-iters", "0", "--tempnet-loss-mode", "tempnet_dro",
+               "--tempnet-rho", "4.0",
                "--tempnet-hidden-size", "32", "--tempnet-lr", "1e-3"])
     losses = [float(x) for x in re.findall(r"dro loss ([0-9.]+)", out)]
     taus = [float(x) for x in re.findall(r"\| tau ([0-9.]+)", out)]

@@ -11,6 +11,7 @@ import torch
 from megatron_tempnet.arguments import parse_args
 from megatron_tempnet.config import ConfigError, ModelConfig, TrainConfig
 from megatron_tempnet.tempnet import TempNetConfig
+from megatron_tempnet.training import save_dir
 from megatron_tempnet.training.checkpointing import (
     EXIT_CODE_PREEMPTED, EXIT_CODE_TIME_LIMIT, LATEST_FILE, CheckpointConfig, Checkpointer,
     RunControl, TrainingDiverged, get_rng_state, iteration_dir, prune_checkpoints, read_latest,
@@ -38,12 +39,22 @@ def test_latest_marker_round_trip_is_atomic(tmp_path):
 
 def test_prune_keeps_the_newest_and_never_the_current_or_unfinished(tmp_path):
     for i in (10, 20, 30, 40, 50):
-        make_checkpoint(tmp_path, i, complete=i != 50)
+        save_dir.write_writer(make_checkpoint(tmp_path, i, complete=i != 50), "ours", i)
     write_latest(tmp_path, 40)  # 50: a save that never finished
-    assert prune_checkpoints(tmp_path, keep_last=2) == [10, 20]
+    assert prune_checkpoints(tmp_path, keep_last=2, lineage="ours") == [10, 20]
     assert saved_iterations(tmp_path) == [30, 40, 50]
-    assert prune_checkpoints(tmp_path, keep_last=1) == [30]
+    assert prune_checkpoints(tmp_path, keep_last=1, lineage="ours") == [30]
     assert saved_iterations(tmp_path) == [40, 50]
+
+
+def test_prune_never_deletes_what_another_run_wrote(tmp_path):
+    save_dir.write_writer(make_checkpoint(tmp_path, 10), "other", 10)
+    make_checkpoint(tmp_path, 20)  # no writer.json: unknown origin
+    for i in (30, 40):
+        save_dir.write_writer(make_checkpoint(tmp_path, i), "ours", i)
+    write_latest(tmp_path, 40)
+    assert prune_checkpoints(tmp_path, keep_last=1, lineage="ours") == [30]
+    assert saved_iterations(tmp_path) == [10, 20, 40]
 
 
 def test_load_dir_resolution_and_its_errors(tmp_path):

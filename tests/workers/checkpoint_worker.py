@@ -43,7 +43,7 @@ def flags(*extra, tp=2, pp=1, iters=6, loss_mode="tempnet_dro"):
             "--lr-warmup-iters", str(min(1, iters - 1)), "--log-interval", "1",
             "--hidden-dropout", "0.1",
             "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-            "--tempnet-loss-mode", loss_mode, "--tempnet-hidden-size", "16",
+            "--tempnet-loss-mode", loss_mode, "--tempnet-hidden-size", "16", "--tempnet-rho", "4.0",
             "--tempnet-lr", "1e-3", "--train-iters", str(iters), *extra]
 
 
@@ -89,6 +89,8 @@ def sigterm_rank0_after(iteration):
 
 
 START = time.perf_counter()
+# a resume that trains longer than the checkpoint's --train-iters: its lr schedule continues
+KEEP_SCHEDULE = "--use-checkpoint-opt-param-scheduler"
 
 
 def mark(phase):
@@ -126,7 +128,7 @@ def main():
     real_loss = step.masked_sum_loss
     step.masked_sum_loss = lambda mask, output, **kw: real_loss(mask, output * float("nan"), **kw)
     try:
-        build("--save", b, "--load", b, "--save-interval", "1", iters=8).train()
+        build("--save", b, "--load", b, KEEP_SCHEDULE, "--save-interval", "1", iters=8).train()
         r["C_error"] = None
     except TrainingDiverged as e:
         r["C_error"] = str(e)
@@ -150,7 +152,7 @@ def main():
 
     checkpointing.save_sharded = crashing_save
     try:
-        build("--save", b, "--load", b, "--save-interval", "1", iters=7).train()
+        build("--save", b, "--load", b, KEEP_SCHEDULE, "--save-interval", "1", iters=7).train()
         r["D_error"] = None
     except RuntimeError as e:
         r["D_error"] = str(e)
@@ -161,7 +163,7 @@ def main():
 
     mark("E")
     # E: resume from 6 again; the unfinished iter_0000007 is replaced by a complete one
-    t = build("--save", b, "--load", b, "--save-interval", "1", iters=7)
+    t = build("--save", b, "--load", b, KEEP_SCHEDULE, "--save-interval", "1", iters=7)
     r["E_start"], r["E"] = t.state.iteration, t.train().history
     r["E_latest"] = read_latest(b)
 
@@ -180,7 +182,7 @@ def main():
 
     mark("G")
     # G: TP=1 (DP=2) resumes A's TP=2 checkpoint (model + optimizer resharded), trains on
-    t = build("--load", a, tp=1, iters=7)
+    t = build("--load", a, KEEP_SCHEDULE, tp=1, iters=7)
     r["G_start"], r["G_probe"] = t.state.iteration, probe_loss(t)
     r["G_more"] = t.train().history
 

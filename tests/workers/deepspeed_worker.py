@@ -136,6 +136,7 @@ def flags(data, tokenizer, *extra, zero=1, iters=4):
             "--global-batch-size", "8", "--lr", "5e-3", "--min-lr", "5e-4",
             "--lr-warmup-iters", "1", "--log-interval", "1", "--hidden-dropout", "0.1",
             "--tempnet-loss-mode", "tempnet_dro", "--tempnet-hidden-size", "16",
+            "--tempnet-rho", "4.0",
             "--tempnet-lr", "1e-3", "--train-iters", str(iters), "--eval-iters", "0",
             "--deepspeed",
             "--deepspeed_config", str(REPO / "configs" / "deepspeed" / f"zero{zero}.json"),

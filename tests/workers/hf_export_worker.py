@@ -47,6 +47,7 @@ def main(data, tokenizer, work):
                 "--global-batch-size", "4", "--train-iters", "3", "--lr", "5e-3",
                 "--log-interval", "3", "--tensor-model-parallel-size", str(tp),
                 "--pipeline-model-parallel-size", str(pp), "--tempnet-loss-mode", "tempnet_dro",
+                "--tempnet-rho", "4.0",
                 "--tempnet-hidden-size", "16", "--tempnet-lr", "1e-2", "--eval-iters", "0",
                 "--save", str(Path(work) / name)]
         trainer = entry.build(parse_args(argv))
