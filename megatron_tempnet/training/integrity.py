@@ -21,16 +21,19 @@ load  every rank calls :func:`verify_manifest`: rank 0 reads the manifest and br
 
 Manifest: ``{"version": 1, "algorithm": "crc32", "files": {relpath: {"size", "digest"}}}``.
 
-Choice of the checksum (``ALGORITHM``), measured with ``bench/bench_checkpoint_hash.py`` on a 2-core
-AMD EPYC sandbox, Python 3.11, zlib 1.2.13, a 1 GiB file in the page cache, 1 MiB reads (1 thread /
-2 threads, GB/s): read alone 17.5 / 26; crc32 3.07 / 5.3; sha1 1.62 / 3.2; sha256 1.54 / 2.95
-(SHA-NI); md5 0.69 / 1.37; blake2b 0.70 / 1.35 (xxhash: not installed, not added). CRC-32 is
-the fastest, 2x sha256 and 4x blake2b, and it is a real checksum for what this guards against
-(torn or truncated writes, zeroed or flipped pages, bit rot, a file replaced by another): it
-detects every burst error up to 32 bits and misses a random corruption with probability 2^-32
-per file, on top of the exact size check. It is not a defence against deliberate tampering (no
-checksum without a key is); a manifest naming another algorithm (any ``hashlib`` name, e.g.
-``write_manifest(..., algorithm="sha256")``) is verified with that one.
+Choice of the checksum (``ALGORITHM``), measured on a 2-core AMD EPYC sandbox, Python 3.11, zlib
+1.2.13, files in the page cache, GB/s on one thread / two threads (a 1 GiB file at a quiet
+moment, load ~1): crc32 3.07 / 5.3; sha1 1.62 / 3.2; sha256 1.54 / 2.95 (SHA-NI); md5 0.69 /
+1.37; blake2b 0.70 / 1.35; the read alone 17.5 (xxhash is not installed and not added).
+``bench/bench_checkpoint_hash.py`` (2 GiB, through this module, on a busy host) keeps the order:
+2.74, 1.62, 1.39, 0.62, 0.58 (docs/benchmarks.md). 1 MiB reads beat 16 MiB ones (the chunk
+stays in cache between read and hash). CRC-32 is the fastest, 2x sha256 and 4x blake2b, and it
+is a real checksum for what this guards against (torn or truncated writes, zeroed or flipped
+pages, bit rot, a file swapped for another): it detects every burst error up to 32 bits and
+misses a random corruption with probability 2^-32 per file, on top of the exact size check. It
+is no defence against deliberate tampering (no unkeyed checksum is); a manifest naming another
+algorithm (any ``hashlib`` name, e.g. ``write_manifest(..., algorithm="sha256")``) is verified
+with that one.
 """
 from __future__ import annotations
 
