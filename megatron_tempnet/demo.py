@@ -4,7 +4,7 @@
     -> tiny LLaMA + TempNet (DRO loss) trained at TP=2 under torchrun (2 processes, gloo),
        printing loss, tau statistics and tokens/s, with checkpoints, evaluation, TensorBoard
     -> the checkpoint evaluated at TP=1 (perplexity and ECE at tau=1, TempNet tau, best T)
-    -> exported to Hugging Face -> text generated with TempNet's per-token temperature
+    -> exported to Hugging Face (demo_out/hf_iter_<N>) -> text generated with TempNet's per-token temperature
 
 Each step is the real command a user runs (printed before it runs); outputs go to demo_out/.
 Steps whose outputs exist are skipped; training resumes from its latest checkpoint.
@@ -65,9 +65,12 @@ def main(argv=None) -> int:
     # the checkpoint saved at TP=2 evaluated by one process (TP=1): dist_checkpointing reshards
     run([py, "-m", "megatron_tempnet.evaluate", *model_flags, "--load", str(ckpt),
          "--eval-iters", "4"])
-    run([py, "tools/convert_checkpoint_to_hf.py", "--load", str(ckpt), "--output",
-         str(out / "hf"), "--tokenizer-model", str(spm)])
-    run([py, "tools/generate.py", "--model-dir", str(out / "hf"), "--prompt",
+    # one export per checkpoint (the export tool never writes into a non-empty directory)
+    hf = out / f"hf_iter_{(ckpt / 'latest_checkpointed_iteration.txt').read_text().strip()}"
+    if not hf.exists():
+        run([py, "tools/convert_checkpoint_to_hf.py", "--load", str(ckpt), "--output", str(hf),
+             "--tokenizer-model", str(spm)])
+    run([py, "tools/generate.py", "--model-dir", str(hf), "--prompt",
          "Return the number of", "--max-new-tokens", "16", "--show-tau"])
     return 0
 

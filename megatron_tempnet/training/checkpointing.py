@@ -5,8 +5,14 @@ Layout of ``--save DIR`` (Megatron-LM's, torch_dist format)::
     DIR/latest_checkpointed_iteration.txt   "100": the current checkpoint; written by rank 0,
                                             atomically (temp file + rename), only after every
                                             rank finished writing iter_0000100/
+    DIR/.lock, DIR/lineage.json             the run writing here, the run owning it
+                                            (training/save_dir.py: who may write and delete)
+    DIR/exit_status.json                    how the last run ended (cli.py), atomically
     DIR/iter_0000100/                       one dist_checkpointing directory:
+        writer.json                         the run that wrote it (first, before any tensor)
         metadata.json, common.pt, *.distcp  written by megatron-core (metadata.json last)
+        checksums.json                      every file's size and CRC-32 (integrity.py),
+                                            written before the marker; verified on load
       model       sharded tensors of every model chunk (TempNet included): load under another
                   TP/PP layout
       optimizer   megatron-core's optimizer.sharded_state_dict(model) (reshardable: TP/PP/DP)
@@ -14,6 +20,10 @@ Layout of ``--save DIR`` (Megatron-LM's, torch_dist format)::
                   RNG-tracker states), global shape (PP, TP, DP)
       common      iteration, consumed_samples, scheduler state, checkpoint_version, and the run's
                   config (model / tempnet / train / parallel sections) for the shape check
+
+A resume must keep the checkpoint's TempNet settings, data order and lr schedule (or say which
+schedule wins: ``--override-opt-param-scheduler`` / ``--use-checkpoint-opt-param-scheduler``);
+every refusal is one ConfigError line naming both values and the fix.
 
 Resume (``--load``) composes those state dicts (style.md practice 13): a run continued from a
 checkpoint is bitwise identical to an uninterrupted one (saving moves no RNG; the data iterator
@@ -36,7 +46,8 @@ When a run stops (:class:`RunControl`, checked once per iteration with ONE small
 that every rank agrees):
 - SIGTERM / SIGUSR1 (SLURM's preemption / ``--signal``): save, exit ``EXIT_CODE_PREEMPTED``;
 - ``--exit-duration-in-mins`` elapsed: save, exit ``EXIT_CODE_TIME_LIMIT``;
-- non-finite loss or gradient norm, or a loss spike (``--loss-spike-factor``): raise
+- non-finite loss or gradient norm, a loss spike (``--loss-spike-factor``), or a collapse to
+  uniform predictions (``--collapse-patience`` iterations at ln V after learning): raise
   :class:`TrainingDiverged` without saving (the last good checkpoint stays current);
   ``train.py`` exits ``EXIT_CODE_DIVERGED``.
 """

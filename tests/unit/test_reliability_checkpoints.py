@@ -19,6 +19,7 @@ import pytest
 
 from megatron_tempnet.training.checkpointing import (CheckpointConfig, RunControl,
                                                      TrainingDiverged)
+from reliability import assert_one_error
 from torchrun import REPO, free_port
 
 WORKER = REPO / "tests" / "workers" / "reliability_worker.py"
@@ -162,10 +163,7 @@ def test_second_run_on_a_locked_save_dir_is_refused(tiny_corpus, tmp_path):
     finally:
         first.kill()
         first.wait()
-    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
-    assert second.returncode == 2 and len(errors) == 1, second.stderr[-3000:]
-    assert "is in use by another run" in errors[0] and f"pid {first.pid}" in errors[0]
-    assert "Traceback" not in second.stderr
+    assert_one_error(second, "is in use by another run", f"pid {first.pid}")
     assert json.loads((save / "exit_status.json").read_text())["reason"] == "running"  # first's
 
 

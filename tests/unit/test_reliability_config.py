@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from megatron_tempnet.arguments import parse_args, resolve
 from megatron_tempnet.config import ConfigError, load_model_preset
+from reliability import assert_one_error
 from torchrun import REPO
 
 
@@ -199,8 +200,5 @@ def test_train_command_bad_value_is_one_line(tiny_corpus, flags, message):
          *tiny_corpus.data_flags(), "--seq-length", "32", "--micro-batch-size", "2",
          "--global-batch-size", "4", "--train-iters", "2", "--eval-iters", "0", *flags],
         cwd=REPO, capture_output=True, text=True, timeout=300)
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert out.returncode == 2, (out.stdout[-2000:], out.stderr[-4000:])
-    assert len(errors) == 1, out.stderr[-4000:]
-    assert "Traceback" not in out.stdout + out.stderr
-    assert re.match(message, errors[0]), errors[0]
+    line = assert_one_error(out)
+    assert re.match(message, line), line

@@ -21,6 +21,7 @@ from megatron_tempnet.data.datasets import (build_datasets, build_micro_batch_it
 from megatron_tempnet.data.indexed import (CorruptDatasetError, IndexedDatasetWriter,
                                            check_indexed_dataset, file_identity, stats_path,
                                            token_id_range)
+from reliability import assert_one_error
 from torchrun import REPO
 
 FIX = "re-create it with tools/preprocess_data.py"
@@ -314,11 +315,8 @@ def train_command(data_prefix, tokenizer_model):
 def assert_one_error_line(cmd, expected):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-5000:]
-    assert len(lines) == 1 and expected in lines[0], out.stderr[-5000:]
-    assert "Traceback" not in out.stdout + out.stderr
+    assert_one_error(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                                    env=env), expected)
 
 
 def test_train_rejects_ids_beyond_the_vocabulary(tmp_path, tiny_corpus):

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from megatron_tempnet.parallel import detect_launch_env
+from reliability import assert_one_error
 from torchrun import REPO
 
 LLAMA = {"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -18,16 +19,6 @@ LLAMA = {"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads":
 def run_tool(script: str, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, f"tools/{script}", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
-
-
-def assert_one_error(out: subprocess.CompletedProcess, *words: str) -> str:
-    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
-    assert "Traceback" not in out.stdout + out.stderr, out.stderr[-3000:]
-    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, out.stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 def snapshot(path) -> list[str]:

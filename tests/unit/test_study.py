@@ -183,7 +183,8 @@ def test_crashing_cell_is_recorded(tiny_corpus, tmp_path):
     assert res.returncode == 2, res.stdout[-4000:] + res.stderr[-4000:]
     report = json.loads((out / "results.json").read_text())
     errors = {r["training mode"]: r["error"] for r in report["rows"]}
-    assert "exit 1: " in errors["scratch"] and "--num-attention-heads 3" in errors["scratch"]
+    # the trainer's one-line bad-input error (exit code 2, megatron_tempnet/cli.py)
+    assert "exit 2: error: " in errors["scratch"] and "--num-attention-heads 3" in errors["scratch"]
     assert "base model" in errors["frozen_lm"]
     assert "FAILED" in res.stdout and "num-attention-heads" in (out / "results.md").read_text()
 

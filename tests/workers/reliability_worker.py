@@ -21,6 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tests"))
+from reliability import error_lines  # noqa: E402
 DATA, TOKENIZER, WORK, RESULT = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 CHECKPOINT_STATE = ("latest_checkpointed_iteration.txt", "lineage.json")  # + every iter_*/
 
@@ -61,7 +63,7 @@ def command(main, argv) -> dict:
         except SystemExit as e:  # argparse
             code = e.code
     err_text = err.getvalue()
-    return {"code": code, "errors": [l for l in err_text.splitlines() if l.startswith("error:")],
+    return {"code": code, "errors": error_lines(err_text),
             "traceback": "Traceback" in err_text + out.getvalue(), "out": out.getvalue()[-3000:],
             "err": err_text[-3000:]}
 
