@@ -46,7 +46,7 @@ from megatron_tempnet.tempnet.config import DRO_LOSS_IMPLS, LOSS_MODES  # noqa: 
 from megatron_tempnet.training.ddp import wrap_ddp  # noqa: E402
 from megatron_tempnet.training.optim import (build_optimizer, build_scheduler,  # noqa: E402
                                              precision_dtype)
-from megatron_tempnet.training.loop import train_step  # noqa: E402
+from megatron_tempnet.training.step import train_step  # noqa: E402
 
 
 def random_batches(vocab: int, b: int, s: int, device):

@@ -16,6 +16,7 @@ if __name__ == "__main__":  # before the heavy imports: a SIGTERM while they run
 
     EarlySignals.install()
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -40,7 +41,8 @@ from megatron_tempnet.training.save_dir import acquire_lock
 from megatron_tempnet.training.evaluate import EvalCallback
 from megatron_tempnet.training.flops import flops_per_token, peak_flops
 from megatron_tempnet.training.loop import TrainState, train
-from megatron_tempnet.training.metrics_log import MetricsCallback, MetricsLogger
+from megatron_tempnet.training.metrics_log import (MetricsCallback, MetricsLogger, Throughput,
+                                                   format_duration, is_writer_rank)
 from megatron_tempnet.training.optim import build_optimizer, build_scheduler, precision_dtype
 
 
@@ -61,12 +63,15 @@ class Trainer:
     checkpointer: Checkpointer | None
     control: RunControl
     state: TrainState
+    logger: MetricsLogger  # TensorBoard / JSONL sinks (a no-op but on the writer rank)
+    throughput: Throughput  # FLOPs per token and device peak, for TFLOP/s and MFU
     callbacks: list  # evaluation and metrics sinks, run after every iteration
     step: object = None  # the DeepSpeed engine's step; None: the megatron-core step
 
     def train(self, callbacks=()) -> TrainState:
-        """The train loop; a signal received during start-up stops before the first iteration
-        (exit code 3: the loaded checkpoint, if any, stays current)."""
+        """The train loop, then a summary; a signal received during start-up stops before the
+        first iteration (exit code 3: the loaded checkpoint, if any, stays current)."""
+        start, t0 = self.state.iteration, time.perf_counter()
         try:
             with self.control:
                 stop = self.control.stop_before_training()
@@ -75,17 +80,47 @@ class Trainer:
                     if self.ctx.rank == 0:
                         log(stop.message)
                     return self.state
-            return train(self.model_chunks, self.optimizer, self.scheduler, self.batches,
-                         self.run.train, self.ctx, state=self.state, log=log,
-                         checkpointer=self.checkpointer, control=self.control,
-                         callbacks=[*self.callbacks, *callbacks], step=self.step,
-                         tau_range=self.run.tempnet.tau_range)
+            if start >= self.run.train.train_iters and self.ctx.rank == 0:
+                log(f"the checkpoint is at iteration {start}, --train-iters is "
+                    f"{self.run.train.train_iters}: nothing to train (raise --train-iters to "
+                    "continue)")
+            state = train(self.model_chunks, self.optimizer, self.scheduler, self.batches,
+                          self.run.train, self.ctx, state=self.state, log=log,
+                          checkpointer=self.checkpointer, control=self.control,
+                          callbacks=[*self.callbacks, *callbacks], step=self.step,
+                          tau_range=self.run.tempnet.tau_range, throughput=self.throughput)
+            if is_writer_rank(self.ctx):
+                log(run_summary(self.run, state, start, time.perf_counter() - t0))
+            return state
         finally:
-            for callback in self.callbacks:
-                if isinstance(callback, MetricsCallback):
-                    callback.logger.close()
+            self.logger.close()
             if self.checkpointer is not None:
                 self.checkpointer.close()
+
+
+def run_summary(run: RunConfig, state: TrainState, start: int, seconds: float) -> str:
+    """The last line of a run: iterations and tokens of this job, time, final losses, where the
+    checkpoints and metrics are."""
+    tr, ck, lg = run.train, run.checkpoint, run.logging
+    done = state.iteration - start
+    last = state.metrics[-1][1] if state.metrics else {}
+    losses = ", ".join(f"{k} {last[k]:.4f}" for k in ("lm loss", "dro loss", "tempered ce")
+                       if k in last)
+    where = [f"checkpoints {ck.save} (latest {read_latest(ck.save)})" if ck.save else
+             "no checkpoints (--save not given)"]
+    where += [f"TensorBoard {lg.tensorboard_dir}"] * bool(lg.tensorboard_dir)
+    where += [f"metrics {lg.metrics_jsonl}"] * bool(lg.metrics_jsonl)
+    return (f"summary: iterations {start}..{state.iteration} of {tr.train_iters} ({done} in this "
+            f"job, {done * tr.global_batch_size * tr.seq_length:,} tokens, "
+            f"{format_duration(seconds)})" + (f"; final {losses}" if losses else "")
+            + (f"; stopped: {state.stop_reason}" if state.stop_reason else "")
+            + "; " + ", ".join(where))
+
+
+def config_lines(run: RunConfig) -> list[str]:
+    """The resolved configuration, one line per section (printed once at start)."""
+    return [f"  {name}: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(section).items())
+            for name, section in vars(run).items()]
 
 
 def build(run: RunConfig, start_time: float | None = None,
@@ -98,6 +133,8 @@ def build(run: RunConfig, start_time: float | None = None,
     run.model.vocab_size = tokenizer.vocab_size
     resolve(run, detect_launch_env().world_size)  # every check before process groups and data
     ctx = initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, tr.seed)
+    if ctx.rank == 0:
+        log("\n".join(["resolved configuration (preset, --config, flags):", *config_lines(run)]))
     n_train, n_valid, _ = num_samples(tr.train_iters, tr.global_batch_size, ev.eval_iters,
                                       ev.eval_interval or None)
     train_ds, valid_ds, _ = build_datasets(run.data, tokenizer, seq_length=tr.seq_length,
@@ -134,9 +171,10 @@ def build(run: RunConfig, start_time: float | None = None,
     if control is None:
         control = RunControl(ck, start_time=start_time)
     control.device, control.vocab_size = ctx.device, tokenizer.vocab_size
+    logger, throughput, callbacks = _sinks(run, chunks, valid_batches, ctx)
     return Trainer(run, ctx, chunks, optimizer, scheduler, batches, checkpointer, control,
-                   TrainState(iteration=iteration, consumed_samples=consumed),
-                   _callbacks(run, chunks, valid_batches, ctx), step)
+                   TrainState(iteration=iteration, consumed_samples=consumed), logger,
+                   throughput, callbacks, step)
 
 
 def calibrate_initial_tau(run: RunConfig, chunks: list, optimizer, ctx: ParallelContext,
@@ -173,20 +211,24 @@ def calibrate_initial_tau(run: RunConfig, chunks: list, optimizer, ctx: Parallel
     return tau
 
 
-def _callbacks(run: RunConfig, chunks: list, valid_batches, ctx: ParallelContext) -> list:
-    """Metrics sinks (TensorBoard, JSONL) and periodic evaluation on the validation split."""
+def _sinks(run: RunConfig, chunks: list, valid_batches, ctx: ParallelContext):
+    """(the metrics logger, the throughput constants, the callbacks: the logger's sink and
+    periodic evaluation on the validation split). The resolved configuration goes to the
+    sinks as the run's hyperparameters."""
     tr = run.train
     logger = MetricsLogger(run.logging, ctx)
+    logger.log_config(dataclasses.asdict(run))
     tempnet_hidden = run.tempnet.hidden_size if run.tempnet.uses_tempnet else None
-    callbacks = [MetricsCallback(
-        logger, tr, ctx, peak=peak_flops(ctx.device, tr.precision, run.logging.peak_tflops),
+    throughput = Throughput(
         flops_per_token=flops_per_token(run.model, tr.seq_length,
                                         vocab_size=run.model.padded_vocab_size(ctx.tp_size),
-                                        tempnet_hidden=tempnet_hidden))]
+                                        tempnet_hidden=tempnet_hidden),
+        peak=peak_flops(ctx.device, tr.precision, run.logging.peak_tflops))
+    callbacks = [MetricsCallback(logger)]
     if valid_batches is not None and run.eval.eval_iters > 0:
         callbacks.append(EvalCallback(chunks, valid_batches, ctx, run.eval, tr, logger=logger,
                                       log=log))
-    return callbacks
+    return logger, throughput, callbacks
 
 
 def _deepspeed(run: RunConfig, model, ctx: ParallelContext):

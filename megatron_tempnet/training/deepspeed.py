@@ -48,7 +48,7 @@ import torch.distributed as dist
 from megatron_tempnet.config import ConfigError, TrainConfig
 from megatron_tempnet.parallel.runtime import ParallelContext
 from megatron_tempnet.training.checkpointing import Checkpointer, LoadPlan, model_weights_loaded
-from megatron_tempnet.training.step import masked_sum_loss
+from megatron_tempnet.training.step import StepOutput, masked_sum_loss
 
 ZERO_STAGES = (1, 2)
 AUTO = "auto"
@@ -293,14 +293,12 @@ def deepspeed_train_step(engine, scheduler, batches, num_microbatches: int,
     ``loss_sum * D / N`` with ``scale_wrt_gas=False``: the reduced gradient is then exactly
     d(sum / N).
 
-    Returns a ``training.loop.StepOutput`` like the megatron-core step: the per-micro-batch
+    Returns a ``training.step.StepOutput`` like the megatron-core step: the per-micro-batch
     reports (reduce them with ``training.step.global_metrics``), the grad norm, whether the
     update happened (fp16 loss scaling may skip it; the lr schedule then waits, as on the
     megatron-core path) and the LM's lr after the scheduler step. ``tau_range``: the tau
     histogram's bins (``step.masked_sum_loss``).
     """
-    from megatron_tempnet.training.loop import StepOutput
-
     gas = engine.gradient_accumulation_steps()
     if num_microbatches != gas:
         raise ConfigError(f"{num_microbatches} micro-batches per step, but the DeepSpeed engine "

@@ -17,7 +17,6 @@ Megatron-LM); a non-finite *loss* still stops the run (``checkpointing.RunContro
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -26,9 +25,10 @@ import torch
 from megatron_tempnet.config import TrainConfig
 from megatron_tempnet.parallel.runtime import ParallelContext
 from megatron_tempnet.training.checkpointing import Checkpointer, RunControl
-from megatron_tempnet.training.metrics_log import tau_histogram_edges
-from megatron_tempnet.training.step import (REPORT_COUNTS, TAU_HISTOGRAM, forward_backward,
-                                             global_metrics, reduce_reports)
+from megatron_tempnet.training.metrics_log import (Throughput, format_train_line,
+                                                   tau_histogram_edges, train_metrics)
+from megatron_tempnet.training.step import (REPORT_COUNTS, TAU_HISTOGRAM, StepOutput,
+                                             global_metrics, reduce_reports, train_step)
 
 
 @dataclass
@@ -39,17 +39,6 @@ class TrainState:
     metrics: list = field(default_factory=list)  # (iteration, {name: value}) as logged
     exit_code: int = 0  # nonzero: stopped early (checkpointing.EXIT_CODE_*)
     stop_reason: str | None = None
-
-
-@dataclass
-class StepOutput:
-    """What one iteration produced; callbacks receive it with the TrainState."""
-
-    reports: list  # the last stage's per-micro-batch reports (training.step); [] elsewhere
-    grad_norm: float | None
-    update_ok: bool
-    lr: float  # the LM's lr after the scheduler step (as logged)
-    loss_scale: object = None  # fp16: the loss scaler's scale after the step (a [1] tensor)
 
 
 @dataclass
@@ -72,41 +61,14 @@ class LogWindow:
                 self.sums[key] = self.sums[key] + value if key in self.sums else value
 
 
-def format_metrics(m: dict) -> str:
-    """"lm loss" (plain CE, tau = 1) and its perplexity; with the DRO loss also the DRO loss,
-    the tempered CE (perplexity at the model's own tau) and tau mean ± std over the tokens
-    [min, max] (tempnet.md 1)."""
-    line = f"lm loss {m['lm loss']:.4f} | ppl {math.exp(min(m['lm loss'], 30)):.2f}"
-    if "dro loss" in m:
-        line += (f" | dro loss {m['dro loss']:.4f} | tempered ce {m['tempered ce']:.4f} | "
-                 f"tau {m['tau']:.3f} ± {m['tau std']:.3f} [{m['tau min']:.3f}, "
-                 f"{m['tau max']:.3f}]")
-    return line
-
-
-def train_step(model_chunks: list, optimizer, scheduler, batches, train_cfg: TrainConfig,
-               num_micro: int, tau_range: tuple[float, float] | None = None) -> StepOutput:
-    """One iteration through megatron-core; the lr schedule advances only when the optimizer
-    updated (fp16: the loss scaler skips the update on a gradient overflow, as in Megatron-LM).
-    ``tau_range``: the tau histogram's bounds (``step.masked_sum_loss``; None: none)."""
-    for chunk in model_chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    reports = forward_backward(model_chunks, batches, num_microbatches=num_micro,
-                               seq_length=train_cfg.seq_length,
-                               micro_batch_size=train_cfg.micro_batch_size, tau_range=tau_range)
-    update_ok, grad_norm, _ = optimizer.step()
-    if update_ok:
-        scheduler.step(increment=1)
-    return StepOutput(reports, grad_norm, update_ok, scheduler.get_lr(optimizer.param_groups[0]),
-                      optimizer.get_loss_scale() if train_cfg.precision == "fp16" else None)
-
-
 def log_iteration(state: TrainState, out: StepOutput, train_cfg: TrainConfig,
                   ctx: ParallelContext, window: LogWindow, log,
-                  tau_range: tuple[float, float] | None = None) -> None:
+                  tau_range: tuple[float, float] | None = None,
+                  throughput: Throughput | None = None) -> None:
     """Reduce the metrics over data-parallel ranks (the window's tau histogram in the same
-    all-reduce), record them, print one line. One host transfer for all of them."""
+    all-reduce; one host transfer), complete them into THE metrics record of this iteration
+    (``metrics_log.train_metrics``: lr, ppl, grad norm, throughput over the window, MFU,
+    memory, ETA), append it to ``state.metrics`` (the sinks write it as it is) and print it."""
     elapsed, iters = time.perf_counter() - window.start, window.iterations
     if not ctx.is_last_stage:
         return
@@ -124,28 +86,32 @@ def log_iteration(state: TrainState, out: StepOutput, train_cfg: TrainConfig,
                                   "counts": counts}
     if out.loss_scale is not None:
         metrics["skipped iterations"] = window.skipped
-    state.history.append((state.iteration, metrics["lm loss"]))
-    state.metrics.append((state.iteration, metrics))
+    throughput = throughput or Throughput()
+    record = train_metrics(metrics, lr=out.lr, grad_norm=out.grad_norm, elapsed_s=elapsed,
+                           iterations=iters,
+                           tokens_per_iteration=train_cfg.global_batch_size * train_cfg.seq_length,
+                           flops_per_token=throughput.flops_per_token,
+                           world_size=ctx.world_size, peak=throughput.peak, device=ctx.device,
+                           remaining_iterations=train_cfg.train_iters - state.iteration)
+    state.history.append((state.iteration, record["lm loss"]))
+    state.metrics.append((state.iteration, record))
     if ctx.tp_rank == 0 and ctx.dp_rank == 0:
-        tokens = train_cfg.global_batch_size * train_cfg.seq_length * iters
-        scaler = ("" if out.loss_scale is None else
-                  f" | loss scale {metrics['loss scale']:.1f} | skipped {window.skipped}")
-        log(f"iteration {state.iteration:6d}/{train_cfg.train_iters} | lr {out.lr:.3e} | "
-            f"{format_metrics(metrics)} | grad norm {out.grad_norm or 0.0:.3f} | "
-            f"tokens/s {tokens / elapsed:,.0f} | {1000 * elapsed / iters:.1f} ms/iter" + scaler
+        log(format_train_line(state.iteration, train_cfg.train_iters, record)
             + ("" if out.update_ok else " | skipped (loss scale)"))
 
 
 def train(model_chunks: list, optimizer, scheduler, batches, train_cfg: TrainConfig,
           ctx: ParallelContext, state: TrainState | None = None, log=print,
           checkpointer: Checkpointer | None = None, control: RunControl | None = None,
-          callbacks=(), step=None, tau_range: tuple[float, float] | None = None) -> TrainState:
+          callbacks=(), step=None, tau_range: tuple[float, float] | None = None,
+          throughput: Throughput | None = None) -> TrainState:
     """Train until ``train_cfg.train_iters``; ``batches`` yields this DP rank's micro-batches
     (positioned at ``state.consumed_samples``). ``callbacks``: ``fn(state, StepOutput)`` after
     every iteration (evaluation, metrics sinks). ``step(batches, num_micro) -> StepOutput``
     replaces the megatron-core step (the DeepSpeed engine's). ``tau_range``: TempNetConfig's
     (tau_min, tau_max) for the tau histogram of the log lines (None, or a model without tau:
-    none). Raises ``TrainingDiverged``."""
+    none). ``throughput``: model FLOPs per token and the device peak for TFLOP/s and MFU.
+    Raises ``TrainingDiverged``."""
     state = state or TrainState()
     step = step or (lambda batches, num_micro: train_step(
         model_chunks, optimizer, scheduler, batches, train_cfg, num_micro, tau_range))
@@ -161,7 +127,7 @@ def train(model_chunks: list, optimizer, scheduler, batches, train_cfg: TrainCon
             stop = control.check(state.iteration, out.reports, out.grad_norm)
             last = stop is not None or state.iteration == train_cfg.train_iters
             if state.iteration % train_cfg.log_interval == 0 or last:
-                log_iteration(state, out, train_cfg, ctx, window, log, tau_range)
+                log_iteration(state, out, train_cfg, ctx, window, log, tau_range, throughput)
                 window = LogWindow()
             for callback in callbacks:  # after logging: state.metrics holds this iteration's
                 callback(state, out)

@@ -122,11 +122,13 @@ def format_train_line(iteration: int, train_iters: int, metrics: dict) -> str:
            ("grad norm", "grad norm {:.3f}"), ("tokens/s", "tokens/s {:,.0f}"),
            ("TFLOP/s/GPU", "{:.2f} TFLOP/s/GPU"), ("MFU", "MFU {:.1%}"),
            ("ms/iter", "{:.1f} ms/iter"), ("mem max allocated GiB", "mem {:.2f} GiB"),
-           ("mem rss GiB", "rss {:.2f} GiB")]
+           ("mem rss GiB", "rss {:.2f} GiB"), ("loss scale", "loss scale {:.1f}"),
+           ("skipped iterations", "skipped {:.0f}"), ("eta s", "ETA {}")]
     parts = [f"iteration {iteration:6d}/{train_iters}"]
     for key, pattern in fmt:
         if key in metrics and metrics[key] is not None:
-            piece = pattern.format(float(metrics[key]))
+            value = float(metrics[key])
+            piece = pattern.format(format_duration(value) if key == "eta s" else value)
             if parts and ((key == "tau max" and parts[-1].startswith("["))
                           or (key == "tau std" and parts[-1].startswith("tau "))):
                 parts[-1] += " " + piece  # "tau 1.000 ± 0.100 | [0.500, 5.000]"
@@ -189,6 +191,17 @@ class MetricsLogger:
             self._jsonl.flush()
 
     # --- what the loop calls ---------------------------------------------------------------
+    def log_config(self, config: dict) -> None:
+        """The resolved run configuration: a JSONL line ``{"split": "config", ...}`` and a
+        TensorBoard text (one run's hyperparameters, with its metrics)."""
+        if not self.active:
+            return
+        if self._tb is not None:
+            self._tb.add_text("config", "```\n" + json.dumps(_json_value(config), indent=1)
+                              + "\n```", 0)
+        self.write_jsonl({"split": "config", **config})
+        self.flush()
+
     def log_train(self, iteration: int, metrics: dict) -> None:
         """One logged training iteration: ``train/*`` scalars, the ``train/tau`` histogram
         (``metrics["tau histogram"]``: {"edges", "counts"}) and a JSONL line (counts; the edges
@@ -239,16 +252,26 @@ class MetricsLogger:
         self.close()
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """What a log line needs beyond the step's numbers: model FLOPs per token (0: no TFLOP/s)
+    and the device's peak FLOP/s (None: no MFU; training/flops.py)."""
+
+    flops_per_token: float = 0.0
+    peak: float | None = None
+
+
 def train_metrics(reduced: dict, *, lr: float, grad_norm, elapsed_s: float, iterations: int,
                   tokens_per_iteration: int, flops_per_token: float, world_size: int,
-                  peak: float | None, device) -> dict:
+                  peak: float | None, device, remaining_iterations: int | None = None) -> dict:
     """The full train metrics dict of one logged iteration from the loop's pieces.
 
     reduced: the loop's logged metrics (``step.global_metrics(...)`` as floats: "lm loss", and
     with the DRO loss "dro loss", "tempered ce", "tau", "tau std", "tau min", "tau max"; in
     fp16 "loss scale", "skipped iterations"; "tau histogram" {"edges", "counts"}, passed on as
-    it is); adds lr, ppl, grad norm, tokens/s, TFLOP/s/GPU, MFU (with a peak), ms/iter and memory
-    (training/flops.py).
+    it is); adds lr, ppl, grad norm, tokens/s, TFLOP/s/GPU (with FLOPs per token), MFU (with a
+    peak), ms/iter, memory (training/flops.py) and, given the iterations still to run, "eta s"
+    at this window's pace.
     """
     from megatron_tempnet.training.flops import memory_metrics, throughput_metrics
 
@@ -259,11 +282,25 @@ def train_metrics(reduced: dict, *, lr: float, grad_norm, elapsed_s: float, iter
     if grad_norm is not None:
         out["grad norm"] = float(grad_norm)
     elapsed_s = max(elapsed_s, 1e-9)
-    out.update(throughput_metrics(tokens_per_iteration * iterations / elapsed_s,
-                                  flops_per_token, world_size, peak))
+    tokens_per_s = tokens_per_iteration * iterations / elapsed_s
+    out.update(throughput_metrics(tokens_per_s, flops_per_token, world_size, peak)
+               if flops_per_token else {"tokens/s": float(tokens_per_s)})
     out["ms/iter"] = 1000.0 * elapsed_s / max(iterations, 1)
     out.update(memory_metrics(device))
+    if remaining_iterations is not None:
+        out["eta s"] = out["ms/iter"] / 1000.0 * max(remaining_iterations, 0)
     return out
+
+
+def format_duration(seconds: float) -> str:
+    """"1d 02:03:04", "02:03:04", "03:04" (minutes:seconds under an hour)."""
+    seconds = int(round(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    clock = (f"{hours:02d}:{minutes:02d}:{secs:02d}" if hours or days
+             else f"{minutes:02d}:{secs:02d}")
+    return f"{days}d {clock}" if days else clock
 
 
 def default_paths(root: str | os.PathLike) -> LoggingConfig:
@@ -275,30 +312,12 @@ def default_paths(root: str | os.PathLike) -> LoggingConfig:
 
 class MetricsCallback:
     """Train-loop callback ``fn(state, step_output)`` (loop.train's ``callbacks``): whenever the
-    loop has just logged this iteration (``state.metrics[-1]``: the metrics it reduced over DP on
-    the last stage), build :func:`train_metrics` from them and write the sinks. No collective of
-    its own. Keeps its own throughput window (iterations since its last call that logged)."""
+    loop has just logged this iteration, write its metrics record (``state.metrics[-1]``, built
+    once by the loop: ``train_metrics``) to the sinks, as it is. No collective of its own."""
 
-    def __init__(self, logger: MetricsLogger, train_cfg, ctx, *, flops_per_token: float,
-                 peak: float | None):
-        import time
-
-        self.logger, self.train_cfg, self.ctx = logger, train_cfg, ctx
-        self.flops_per_token, self.peak = flops_per_token, peak
-        self._clock = time.perf_counter
-        self._start, self._iters = self._clock(), 0
+    def __init__(self, logger: MetricsLogger):
+        self.logger = logger
 
     def __call__(self, state, out) -> None:
-        self._iters += 1
-        if not state.metrics or state.metrics[-1][0] != state.iteration:
-            return  # the loop did not log this iteration (or this is not the last stage)
-        elapsed, iters = self._clock() - self._start, self._iters
-        self._start, self._iters = self._clock(), 0
-        cfg, reduced = self.train_cfg, state.metrics[-1][1]
-        metrics = train_metrics(reduced, lr=out.lr, grad_norm=out.grad_norm, elapsed_s=elapsed,
-                                iterations=iters,
-                                tokens_per_iteration=cfg.global_batch_size * cfg.seq_length,
-                                flops_per_token=self.flops_per_token,
-                                world_size=self.ctx.world_size, peak=self.peak,
-                                device=self.ctx.device)
-        self.logger.log_train(state.iteration, metrics)
+        if state.metrics and state.metrics[-1][0] == state.iteration:
+            self.logger.log_train(state.iteration, state.metrics[-1][1])

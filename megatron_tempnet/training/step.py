@@ -8,11 +8,13 @@ each micro-batch returns its loss *sum* and token count, and megatron-core's
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
+from megatron_tempnet.models.tempnet_gpt import LOSS_CHANNELS
 from megatron_tempnet.training.metrics_log import tau_histogram
 
 # Reports of one micro-batch (last stage): name -> [sum, token count], except the masked
@@ -20,6 +22,10 @@ from megatron_tempnet.training.metrics_log import tau_histogram
 # and the counts, name -> [bins] summed as they are (the tau histogram).
 # "lm loss" is always the plain CE (tau = 1), so that it stays comparable across loss modes.
 REPORT_EXTREMES = {"tau min": "min", "tau max": "max"}
+# The report of each per-token channel a TempNet / DRO model returns (models/tempnet_gpt.py
+# LOSS_CHANNELS; channel "loss" carries the gradient)
+CHANNEL_REPORTS = {"loss": "dro loss", "ce": "lm loss", "tempered_ce": "tempered ce",
+                   "tau": "tau"}
 TAU_HISTOGRAM = "tau histogram"
 TAU_HISTOGRAM_BINS = 32  # equal-width bins over [tau_min, tau_max]; outliers in the edge bins
 REPORT_COUNTS = (TAU_HISTOGRAM,)
@@ -41,8 +47,9 @@ def masked_sum_loss(loss_mask: torch.Tensor, output: torch.Tensor,
     """megatron-core loss_func contract: (loss sum, token count, values to report).
 
     ``output`` is the model's per-token output: [b, s] (plain GPTModel: CE) or [b, s, K] with
-    the channels of ``models.tempnet_gpt.LOSS_CHANNELS`` (loss, ce, tempered_ce, tau; only
-    channel 0 carries gradient). loss_mask [b, s]: a 0 drops the token from every sum.
+    the channels the model declares, ``models.tempnet_gpt.LOSS_CHANNELS`` (loss, ce,
+    tempered_ce, tau; only channel 0, "loss", carries gradient), reported by name
+    (``CHANNEL_REPORTS``). loss_mask [b, s]: a 0 drops the token from every sum.
     ``tau_range`` (TempNetConfig's (tau_min, tau_max); None: none) adds "tau histogram": the
     loss-mask weighted counts [TAU_HISTOGRAM_BINS] (float64) of tau over those bounds, which sum
     to the token count (device ops only: no host sync).
@@ -60,12 +67,12 @@ def masked_sum_loss(loss_mask: torch.Tensor, output: torch.Tensor,
 
     if per_token.shape[1] == 1:  # plain CE: the loss is the CE
         return sums[0], num_tokens, {"lm loss": pair(sums[0])}
-    tau, kept = per_token[:, 3].detach(), keep[:, 0]  # masked min / max of tau, [1] each
-    reports = {"lm loss": pair(sums[1]), "dro loss": pair(sums[0]),
-               "tempered ce": pair(sums[2]), "tau": pair(sums[3]),
-               TAU_MOMENTS: tau_moments(tau, mask),
-               "tau min": torch.where(kept, tau, torch.full_like(tau, math.inf)).amin(0, True),
-               "tau max": torch.where(kept, tau, torch.full_like(tau, -math.inf)).amax(0, True)}
+    channel = dict(zip(LOSS_CHANNELS, range(len(LOSS_CHANNELS))))  # the model's named channels
+    tau, kept = per_token[:, channel["tau"]].detach(), keep[:, 0]  # masked min / max: [1] each
+    reports = {CHANNEL_REPORTS[name]: pair(sums[i]) for name, i in channel.items()}
+    reports[TAU_MOMENTS] = tau_moments(tau, mask)
+    reports["tau min"] = torch.where(kept, tau, torch.full_like(tau, math.inf)).amin(0, True)
+    reports["tau max"] = torch.where(kept, tau, torch.full_like(tau, -math.inf)).amax(0, True)
     if tau_range is not None:
         reports[TAU_HISTOGRAM] = tau_histogram(tau, mask, *tau_range, bins=TAU_HISTOGRAM_BINS)
     return sums[0], num_tokens, reports
@@ -148,3 +155,35 @@ def _all_reduce_packed(values: dict, keys: list, op, group) -> None:
     dist.all_reduce(flat, op=op, group=group)
     for s, k, part in zip(signs, keys, flat.split([values[k].numel() for k in keys])):
         values[k] = (s * part).to(values[k].dtype).reshape(values[k].shape)
+
+
+# --- the step contract: what one iteration produces, whoever runs it -----------------------------
+
+@dataclass
+class StepOutput:
+    """What one iteration produced (the megatron-core step below, or the DeepSpeed engine's in
+    training/deepspeed.py); the loop and its callbacks receive it."""
+
+    reports: list  # the last stage's per-micro-batch reports; [] elsewhere
+    grad_norm: float | None
+    update_ok: bool
+    lr: float  # the LM's lr after the scheduler step (as logged)
+    loss_scale: object = None  # fp16: the loss scaler's scale after the step (a [1] tensor)
+
+
+def train_step(model_chunks: list, optimizer, scheduler, batches, train_cfg, num_micro: int,
+               tau_range: tuple[float, float] | None = None) -> StepOutput:
+    """One iteration through megatron-core; the lr schedule advances only when the optimizer
+    updated (fp16: the loss scaler skips the update on a gradient overflow, as in Megatron-LM).
+    ``tau_range``: the tau histogram's bounds (``masked_sum_loss``; None: none)."""
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = forward_backward(model_chunks, batches, num_microbatches=num_micro,
+                               seq_length=train_cfg.seq_length,
+                               micro_batch_size=train_cfg.micro_batch_size, tau_range=tau_range)
+    update_ok, grad_norm, _ = optimizer.step()
+    if update_ok:
+        scheduler.step(increment=1)
+    return StepOutput(reports, grad_norm, update_ok, scheduler.get_lr(optimizer.param_groups[0]),
+                      optimizer.get_loss_scale() if train_cfg.precision == "fp16" else None)

@@ -20,7 +20,8 @@ from megatron_tempnet.config import TrainConfig, load_model_preset
 from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
 from megatron_tempnet.tempnet import TempNetConfig
 from megatron_tempnet.training.ddp import wrap_ddp
-from megatron_tempnet.training.loop import train, train_step
+from megatron_tempnet.training.loop import train
+from megatron_tempnet.training.step import train_step
 from megatron_tempnet.training.optim import build_optimizer, build_scheduler, precision_dtype
 from test_tempnet_model_training import VOCAB, noisy_cycle_batches
 

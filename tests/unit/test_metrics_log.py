@@ -11,8 +11,8 @@ import torch
 
 from megatron_tempnet.config import ConfigError
 from megatron_tempnet.training.metrics_log import (LoggingConfig, MetricsCallback, MetricsLogger,
-                                                   format_train_line, is_writer_rank,
-                                                   tau_histogram, train_metrics)
+                                                   format_duration, format_train_line,
+                                                   is_writer_rank, tau_histogram, train_metrics)
 from megatron_tempnet.training.step import (TAU_HISTOGRAM, TAU_HISTOGRAM_BINS, global_metrics,
                                             masked_sum_loss)
 
@@ -114,11 +114,15 @@ def test_metrics_callback_logs_on_interval(tmp_path):
     path = tmp_path / "m.jsonl"
     train_cfg = SimpleNamespace(log_interval=2, train_iters=5, global_batch_size=4, seq_length=8)
     logger = MetricsLogger(LoggingConfig(metrics_jsonl=str(path)), ctx_at())
-    cb = MetricsCallback(logger, train_cfg, ctx_at(), flops_per_token=1e6, peak=None)
+    cb = MetricsCallback(logger)
     logged = []
     for it in range(1, 6):
         if it % train_cfg.log_interval == 0 or it == train_cfg.train_iters:  # the loop logs
-            logged.append((it, {"lm loss": 2.0}))
+            logged.append((it, train_metrics({"lm loss": 2.0}, lr=0.1, grad_norm=1.0,
+                                             elapsed_s=1.0, iterations=2,
+                                             tokens_per_iteration=32, flops_per_token=1e6,
+                                             world_size=1, peak=None,
+                                             device=torch.device("cpu"))))  # its one record
         cb(_State(it, logged), SimpleNamespace(reports=[], lr=0.1, grad_norm=1.0))
     logger.close()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
@@ -183,3 +187,12 @@ def test_train_tau_histogram_sinks(tmp_path):
     assert list(first.bucket_limit) == pytest.approx(edges[1:])
     assert first.min == pytest.approx(1.5) and first.max == pytest.approx(3.5)  # non-empty bins
     assert "train/tau_histogram" not in acc.Tags()["scalars"]
+
+
+def test_eta_in_the_record_and_the_line():
+    m = train_metrics({"lm loss": 2.0}, lr=1e-3, grad_norm=None, elapsed_s=2.0, iterations=4,
+                      tokens_per_iteration=10, flops_per_token=0, world_size=1, peak=None,
+                      device=torch.device("cpu"), remaining_iterations=7500)
+    assert m["eta s"] == 0.5 * 7500 and "TFLOP/s/GPU" not in m  # no FLOPs per token given
+    assert "ETA 01:02:30" in format_train_line(2500, 10000, m)
+    assert format_duration(59) == "00:59" and format_duration(90061) == "1d 01:01:01"

@@ -19,7 +19,8 @@ from megatron_tempnet.models.tempnet_gpt import TEMPNET_PARAM_ATTR, build_tempne
 from megatron_tempnet.tempnet import TempNetConfig
 from megatron_tempnet.training.ddp import wrap_ddp
 from megatron_tempnet.training.loop import train
-from megatron_tempnet.training.metrics_log import LoggingConfig, MetricsCallback, MetricsLogger
+from megatron_tempnet.training.metrics_log import (LoggingConfig, MetricsCallback, MetricsLogger,
+                                                   Throughput)
 from megatron_tempnet.training.optim import build_optimizer, build_scheduler
 from megatron_tempnet.training.step import TAU_HISTOGRAM_BINS
 
@@ -159,10 +160,11 @@ def test_training_tau_histogram_covers_the_log_window(single_process, tmp_path):
     logging = LoggingConfig(tensorboard_dir=str(tmp_path / "tb"),
                             metrics_jsonl=str(tmp_path / "metrics.jsonl"))
     with MetricsLogger(logging, single_process) as logger:
-        sink = MetricsCallback(logger, tr, single_process, flops_per_token=1e6, peak=None)
+        sink = MetricsCallback(logger)
         state = train(chunks, optimizer, scheduler, masked(noisy_cycle_batches(2, 16)), tr,
                       single_process, log=lambda line: None, callbacks=[sink],
-                      tau_range=(tcfg.tau_min, tcfg.tau_max))
+                      tau_range=(tcfg.tau_min, tcfg.tau_max),
+                      throughput=Throughput(flops_per_token=1e6))
     per_iter = [a + b for a, b in zip(kept[::2], kept[1::2])]
     windows = {3: sum(per_iter[:3]), 6: sum(per_iter[3:6]), 7: per_iter[6]}
     edges = torch.linspace(0.5, 3.0, TAU_HISTOGRAM_BINS + 1, dtype=torch.float64).tolist()
