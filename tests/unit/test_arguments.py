@@ -4,27 +4,45 @@ import pytest
 from megatron_tempnet.arguments import all_flags, parse_args
 from megatron_tempnet.config import ConfigError
 
-# The pinned flag set: adding or renaming a flag is a deliberate change of this list.
+# The pinned flag set, exactly: adding or renaming a flag is a deliberate change of these lists.
+# Flags Megatron-LM (or DeepSpeed, for --deepspeed / --deepspeed_config) spells the same way:
 MEGATRON_FLAGS = {"--tensor-model-parallel-size", "--pipeline-model-parallel-size",
                   "--micro-batch-size", "--global-batch-size", "--seq-length", "--lr",
                   "--min-lr", "--train-iters", "--lr-warmup-iters", "--lr-decay-style",
-                  "--weight-decay", "--clip-grad", "--data-path", "--split", "--tokenizer-type",
-                  "--tokenizer-model", "--num-layers", "--hidden-size", "--num-attention-heads",
+                  "--lr-decay-iters", "--weight-decay", "--clip-grad", "--adam-beta1",
+                  "--adam-beta2", "--adam-eps", "--data-path", "--split", "--tokenizer-type",
+                  "--tokenizer-model", "--data-cache-path", "--num-workers",
+                  "--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss",
+                  "--mmap-bin-files", "--num-layers", "--hidden-size", "--num-attention-heads",
                   "--num-query-groups", "--ffn-hidden-size", "--make-vocab-size-divisible-by",
-                  "--max-position-embeddings", "--seed", "--log-interval",
-                  "--use-distributed-optimizer", "--tempnet-rho", "--tempnet-tau-min",
-                  "--tempnet-tau-max", "--save", "--load", "--save-interval",
-                  "--exit-duration-in-mins", "--exit-signal-handler", "--finetune",
-                  "--no-load-optim", "--no-load-rng"}
-# Ours, beside Megatron-LM's: --keep-last (keep the newest k checkpoints) and
-# --loss-spike-factor (stop when the loss exceeds factor x its running mean).
-OWN_FLAGS = {"--keep-last", "--loss-spike-factor"}
+                  "--max-position-embeddings", "--vocab-size", "--norm-epsilon",
+                  "--rotary-base", "--init-method-std", "--hidden-dropout",
+                  "--attention-dropout", "--seed", "--log-interval", "--tensorboard-dir",
+                  "--use-distributed-optimizer", "--eval-interval", "--eval-iters", "--save",
+                  "--load", "--save-interval", "--exit-duration-in-mins",
+                  "--exit-signal-handler", "--finetune", "--no-load-optim", "--no-load-rng",
+                  "--deepspeed", "--deepspeed_config"}
+# Ours: TempNet's section, the model family / attention / precision choices, checkpoint
+# safety (keep-last, loss spike, collapse, checksums; Megatron-LM spells the schedule pair
+# --override-opt_param-scheduler / --use-checkpoint-opt_param-scheduler), metrics and the
+# evaluation's temperature grid.
+OWN_FLAGS = {"--tempnet-rho", "--tempnet-tau-min", "--tempnet-tau-max", "--tempnet-arch",
+             "--tempnet-tau0", "--tempnet-hidden-size", "--tempnet-dropout",
+             "--tempnet-input-convention", "--tempnet-lr", "--tempnet-weight-decay",
+             "--tempnet-lr-schedule", "--tempnet-loss-mode", "--tempnet-fixed-tau",
+             "--tempnet-training-mode", "--dro-loss-impl", "--model-family",
+             "--attention-backend", "--tie-embeddings", "--precision", "--keep-last",
+             "--loss-spike-factor", "--collapse-patience", "--no-checkpoint-checksums",
+             "--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler",
+             "--metrics-jsonl", "--peak-tflops", "--temperature-min", "--temperature-max",
+             "--temperature-points", "--refine-points", "--ece-bins", "--tau-histogram-bins"}
 
 
 def test_flags_are_unique_and_include_megatrons():
     flags = all_flags()
     pinned = MEGATRON_FLAGS | OWN_FLAGS
-    assert pinned <= set(flags), sorted(pinned - set(flags))
+    assert not MEGATRON_FLAGS & OWN_FLAGS
+    assert set(flags) == pinned, (sorted(set(flags) - pinned), sorted(pinned - set(flags)))
     fields = list(flags.values())
     assert len(fields) == len(set(fields))  # one flag per field, one field per flag
 
