@@ -71,11 +71,13 @@ def fake_slurm(tmp_path):
         "scancel": 'echo "scancel $*" >> "$CALLS"\n'
                    'if [[ -f "$SRUN_PID" ]]; then kill -USR1 "$(cat "$SRUN_PID")"; fi',
         # FAKE_SRUN=exit3: torchrun's report of a worker that exited 3; =wait: until USR1
-        "srun": 'echo "srun $*" >> "$CALLS"\necho $$ > "$SRUN_PID"\n'
+        # (the pid file is written once the trap is installed: the test waits for it)
+        "srun": 'echo "srun $*" >> "$CALLS"\n'
                 'if [[ "$FAKE_SRUN" == exit3 ]]; then\n'
                 '  printf "Root Cause (first observed failure):\\n  exitcode  : 3 (pid: 1)\\n"'
                 '; exit 1\nfi\n'
                 'trap \'echo "srun got USR1" >> "$CALLS"; exit 1\' USR1\n'
+                'echo $$ > "$SRUN_PID"\n'
                 'for _ in $(seq 1 300); do sleep 0.1; done; exit 0',
     }
     for name, body in scripts.items():
@@ -201,9 +203,8 @@ def test_requeue_after_slurm_usr1(fake_slurm):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pid_file = Path(env["SRUN_PID"])
     deadline = time.time() + 20
-    while not pid_file.exists() and time.time() < deadline:
+    while not pid_file.exists() and time.time() < deadline:  # srun's trap is installed
         time.sleep(0.05)
-    time.sleep(0.3)  # let srun install its trap
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
