@@ -584,7 +584,7 @@ def run_study(cfg: StudyConfig, log=print, plots: bool = True) -> dict:
                 f"(study {elapsed / 60:.1f} min, ~{eta / 60:.0f} min left)")
         results[cell] = result
     report = aggregate(cfg, results)
-    write_tables(cfg, report)
+    write_tables(cfg, report, plots=plots)
     if plots:
         write_plots(cfg, report)
     failed = [r["cell"] for r in results.values() if r["status"] != "ok"]
@@ -671,7 +671,7 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_tables(cfg: StudyConfig, report: dict) -> None:
+def write_tables(cfg: StudyConfig, report: dict, plots: bool = True) -> None:
     out = cfg.out_dir
     write_json_atomic(out / "results.json", report)
     split = {r["final split"] for r in report["rows"] if r["final split"]}
@@ -683,8 +683,9 @@ def write_tables(cfg: StudyConfig, report: dict) -> None:
             f"iterations x {cfg.global_batch_size} x {cfg.seq_length} tokens per cell; "
             f"metrics on {where}. \"own τ\": the model's own temperature (TempNet's per-token "
             "tau, its mean shown; the fixed tau; 1 for CE).\n\n"
-            + markdown_table(report) + "\n\nPlots: [validation curves](plots/valid_curves.png), "
-            "[tau histograms](plots/tau_histograms.png).\n")
+            + markdown_table(report) + "\n"
+            + ("\nPlots: [validation curves](plots/valid_curves.png), "
+               "[tau histograms](plots/tau_histograms.png).\n" if plots else ""))
     tmp = out / ".results.md.tmp"
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out / "results.md")

@@ -17,6 +17,7 @@ How it works: megatron_tempnet/study.py.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -96,13 +97,26 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def absolute_data_path(words: list[str]) -> list[str]:
+    """--data-path's prefixes made absolute; blend weights ("0.7 a 0.3 b") kept as they are."""
+    def is_weight(word: str) -> bool:
+        try:
+            float(word)
+            return True
+        except ValueError:
+            return False
+    return [w if is_weight(w) else os.path.abspath(w) for w in words]
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    cfg = StudyConfig(
-        data_path=args.data_path, tokenizer_model=args.tokenizer_model,
-        tokenizer_type=args.tokenizer_type, out=args.out, model=args.model, split=args.split,
+    cfg = StudyConfig(  # paths made absolute: the cells run with the repository as cwd
+        data_path=absolute_data_path(args.data_path),
+        tokenizer_model=os.path.abspath(args.tokenizer_model),
+        tokenizer_type=args.tokenizer_type, out=os.path.abspath(args.out), model=args.model,
+        split=args.split,
         loss_modes=tuple(args.loss_modes), rhos=(), training_modes=tuple(args.training_modes),
         seeds=tuple(args.seeds), train_iters=args.train_iters, base_iters=args.base_iters,
         seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,

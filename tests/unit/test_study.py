@@ -77,14 +77,14 @@ def test_grid_rules(tmp_path):
         _config(tmp_path, seeds=(1, 1))
 
 
-def _study(corpus, out: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "tools/study.py", "--data-path", corpus.data_prefix,
+def _study(corpus, out: Path, *args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "tools" / "study.py"), "--data-path", corpus.data_prefix,
            "--tokenizer-model", corpus.tokenizer_model, "--out", str(out), "--model", "tiny-gpt",
            "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
            "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-interval", "2",
            "--eval-iters", "1", "--rho", "4.0", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
 def _lines(stdout: str, word: str) -> list[str]:
@@ -190,10 +190,12 @@ def test_crashing_cell_is_recorded(tiny_corpus, tmp_path):
 
 
 def test_final_evaluation_on_the_test_split(tiny_corpus, tmp_path):
+    """Also: run from outside the repository with a relative --out (the cells run with the
+    repository as their working directory), and --no-plots links no plots."""
     out = tmp_path / "study"
-    res = _study(tiny_corpus, out, "--loss-modes", "tempnet_dro", "--training-modes",
+    res = _study(tiny_corpus, Path("study"), "--loss-modes", "tempnet_dro", "--training-modes",
                  "scratch", "--seeds", "1", "--train-iters", "2", "--test-eval-iters", "2",
-                 "--no-plots")
+                 "--no-plots", cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     cell = json.loads((out / "results.json").read_text())["cells"][0]
     record = json.loads((out / "cells" / cell["cell"] / "test_eval.jsonl").read_text())
@@ -201,3 +203,4 @@ def test_final_evaluation_on_the_test_split(tiny_corpus, tmp_path):
     assert record["eval tokens"] == 2 * 4 * 32
     assert cell["summary"]["ppl own tau"] == record["ppl tempnet"]
     assert "test split" in (out / "results.md").read_text()
+    assert "Plots:" not in (out / "results.md").read_text()
