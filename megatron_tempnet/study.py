@@ -53,6 +53,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_tempnet.cli import read_exit_status
 from megatron_tempnet.config import ConfigError
 from megatron_tempnet.files import write_json_atomic
 from megatron_tempnet.tempnet.config import ARCHS, LOSS_MODES, TRAINING_MODES, TempNetConfig
@@ -468,9 +469,10 @@ def _curves(records: list[dict]) -> tuple[list[dict], list[dict]]:
     return [valid[i] for i in sorted(valid)], [train[i] for i in sorted(train)]
 
 
-def _parameters(log_path: Path) -> int | None:
-    match = re.search(r"model \w+: ([\d,]+) parameters", log_path.read_text(errors="replace"))
-    return int(match.group(1).replace(",", "")) if match else None
+def _parameters(records: list[dict]) -> int | None:
+    """The model's parameter count from the run's configuration record in metrics.jsonl."""
+    return next((r["parameters on this stage"] for r in records if r.get("split") == "config"),
+                None)
 
 
 def load_finished(cfg: StudyConfig, cell: Cell) -> dict | None:
@@ -517,13 +519,16 @@ def run_cell(cfg: StudyConfig, cell: Cell, base_result: dict | None) -> dict:
     else:
         rc, wall = _run_logged(train_cmd, d / "train.log", cfg.cell_timeout_s)
         result["wall s"] = wall
-        result["parameters"] = _parameters(d / "train.log")
         records = read_jsonl(d / "metrics.jsonl")
+        result["parameters"] = _parameters(records)
         result["valid curve"], result["train curve"] = _curves(records)
         finals = [r for r in records
                   if r.get("split") == "valid" and r["iteration"] == cell.train_iters]
-        if rc != 0:
-            result["error"] = error_summary(d / "train.log", rc)
+        if rc != 0:  # the trainer's own record of how it ended, else the log's last error
+            status = read_exit_status(d / "ckpt") if (d / "ckpt").is_dir() else None
+            result["error"] = (f"exit {status['exit_code']}: {status['message']}"[:240]
+                               if status and status.get("exit_code") is not None
+                               else error_summary(d / "train.log", rc))
         elif not finals:
             result["error"] = f"no validation record at iteration {cell.train_iters} in " \
                               f"{d / 'metrics.jsonl'}"

@@ -217,7 +217,8 @@ def _sinks(run: RunConfig, chunks: list, valid_batches, ctx: ParallelContext):
     sinks as the run's hyperparameters."""
     tr = run.train
     logger = MetricsLogger(run.logging, ctx)
-    logger.log_config(dataclasses.asdict(run))
+    logger.log_config({**dataclasses.asdict(run), "parameters on this stage": sum(
+        p.numel() for chunk in chunks for p in chunk.parameters())})
     tempnet_hidden = run.tempnet.hidden_size if run.tempnet.uses_tempnet else None
     throughput = Throughput(
         flops_per_token=flops_per_token(run.model, tr.seq_length,
