@@ -23,9 +23,7 @@ from megatron_tempnet.parallel.runtime import validate_layout
 from megatron_tempnet.data.config import DataConfig
 from megatron_tempnet.tempnet.config import TempNetConfig
 from megatron_tempnet.training.checkpointing import CheckpointConfig
-from megatron_tempnet.training.deepspeed import DeepSpeedConfig
-from megatron_tempnet.training.evaluate import EvalConfig
-from megatron_tempnet.training.metrics_log import LoggingConfig
+from megatron_tempnet.training.config import DeepSpeedConfig, EvalConfig, LoggingConfig
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig,
             "data": DataConfig, "tempnet": TempNetConfig, "checkpoint": CheckpointConfig,

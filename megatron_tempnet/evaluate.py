@@ -2,7 +2,7 @@
 
 Takes the training flags (``megatron_tempnet.arguments``: the same --model / --config / model,
 parallel, data and tempnet flags as the run that saved CKPT) plus the evaluation flags of
-:class:`~megatron_tempnet.training.evaluate.EvalConfig` (--eval-iters, --temperature-min, ...,
+:class:`~megatron_tempnet.training.config.EvalConfig` (--eval-iters, --temperature-min, ...,
 unless the training flags already have them) and:
 
     --eval-split {valid,test}  which split of --data-path / --split to evaluate (default valid)
@@ -22,7 +22,8 @@ import json
 import sys
 
 from megatron_tempnet.config import ConfigError
-from megatron_tempnet.training.evaluate import EvalConfig, format_eval_table
+from megatron_tempnet.training.config import EvalConfig
+from megatron_tempnet.training.evaluate import format_eval_table
 
 SPLITS = ("valid", "test")
 
@@ -47,7 +48,7 @@ def parse(argv=None):
     ns, rest = _eval_parser(known).parse_known_args(argv)
     ns = vars(ns)
     run = parse_args(rest)
-    eval_cfg = getattr(run, "eval", None) or EvalConfig()  # the lead may register the section
+    eval_cfg = run.eval
     eval_cfg = dataclasses.replace(eval_cfg, **{k.split(".", 1)[1]: v for k, v in ns.items()
                                                 if k.startswith("eval.")})
     return run, eval_cfg.validate(), ns.get("split_name", "valid"), ns.get("metrics_jsonl")

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.distributed as dist
 
 from megatron_tempnet.arguments import RunConfig, parse_args, resolve
 from megatron_tempnet.cli import error_line, process_rank, run_command, write_exit_status

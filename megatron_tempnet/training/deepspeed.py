@@ -39,7 +39,6 @@ import contextlib
 import copy
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,30 +47,11 @@ import torch.distributed as dist
 from megatron_tempnet.config import ConfigError, TrainConfig
 from megatron_tempnet.parallel.runtime import ParallelContext
 from megatron_tempnet.training.checkpointing import Checkpointer, LoadPlan, model_weights_loaded
+from megatron_tempnet.training.optim import build_scheduler, torch_param_groups
 from megatron_tempnet.training.step import StepOutput, masked_sum_loss
 
 ZERO_STAGES = (1, 2)
 AUTO = "auto"
-
-
-@dataclass
-class DeepSpeedConfig:
-    """``--deepspeed`` and ``--deepspeed_config`` (Megatron-DeepSpeed's spelling, underscore)."""
-
-    deepspeed: bool = False
-    deepspeed_config: str | None = None
-
-    def validate(self) -> "DeepSpeedConfig":
-        if self.deepspeed and not self.deepspeed_config:
-            raise ConfigError("--deepspeed needs --deepspeed_config <file.json> "
-                              "(e.g. configs/deepspeed/zero1.json)")
-        if self.deepspeed_config and not self.deepspeed:
-            raise ConfigError(f"--deepspeed_config {self.deepspeed_config} is given without "
-                              "--deepspeed: add --deepspeed to train with DeepSpeed, or drop "
-                              "--deepspeed_config")
-        if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
-            raise ConfigError(f"--deepspeed_config {self.deepspeed_config}: no such file")
-        return self
 
 
 def deepspeed_available() -> bool:
@@ -259,10 +239,6 @@ def build_deepspeed_engine(model: torch.nn.Module, train: TrainConfig, ctx: Para
     """
     import deepspeed
     from deepspeed.utils import logger as ds_logger
-
-    # imported here: DeepSpeedConfig (this module) is read by the argument parser, which must
-    # not pay for importing megatron-core
-    from megatron_tempnet.training.optim import build_scheduler, torch_param_groups
 
     mpu = MegatronMPU(ctx)  # refuses PP > 1
     ds_config = resolve_deepspeed_config(deepspeed_config, train, ctx.dp_size)

@@ -46,69 +46,11 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_tempnet.config import ConfigError
 from megatron_tempnet.tempnet.comm import MAX, SUM, all_reduce, group_rank_size
 from megatron_tempnet.tempnet.exact_tau import solve_tau
 from megatron_tempnet.tempnet.reference import compute_dtype
+from megatron_tempnet.training.config import EvalConfig
 from megatron_tempnet.training.metrics_log import tau_histogram, tau_histogram_edges
-
-
-@dataclass
-class EvalConfig:
-    """Evaluation settings (one home; the lead registers them as flags).
-
-    eval_interval:      evaluate every this many iterations (0: only at the end of training).
-    eval_iters:         global batches per evaluation (each ``num_microbatches`` micro-batches).
-    temperature_min, temperature_max, temperature_points: the coarse log-spaced grid of global
-                        temperatures of pass 1 (T = 1 and the fixed tau are always added).
-    refine_points:      log-spaced temperatures of pass 2 between the best coarse point's
-                        neighbours (0: no second pass; the best T is a coarse grid point).
-    ece_bins:           equal-width confidence bins of the ECE.
-    tau_histogram_bins: bins of the eval histogram of the model's own per-token tau over
-                        [tau_min, tau_max] (TempNet or exact tau only).
-    """
-
-    eval_interval: int = 0
-    eval_iters: int = 10
-    temperature_min: float = 0.05
-    temperature_max: float = 20.0
-    temperature_points: int = 25
-    refine_points: int = 16
-    ece_bins: int = 15
-    tau_histogram_bins: int = 32
-
-    def validate(self) -> "EvalConfig":
-        def bad(name, why):
-            return ConfigError(f"EvalConfig.{name} (--{name.replace('_', '-')}) = "
-                               f"{getattr(self, name)!r}: {why}")
-        for name in ("eval_interval", "eval_iters", "temperature_points", "refine_points",
-                     "ece_bins", "tau_histogram_bins"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise bad(name, "must be an integer >= 0")
-        if self.ece_bins < 1 or self.tau_histogram_bins < 1:
-            raise bad("ece_bins" if self.ece_bins < 1 else "tau_histogram_bins", "must be >= 1")
-        for name in ("temperature_min", "temperature_max"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value):
-                raise bad(name, "must be a finite number")
-        if not 0 < self.temperature_min < self.temperature_max:
-            raise bad("temperature_min", f"need 0 < temperature_min < temperature_max "
-                                         f"({self.temperature_max!r})")
-        if self.temperature_points == 1:
-            raise bad("temperature_points", "use 0 (only T = 1) or >= 2 grid points")
-        return self
-
-    def coarse_grid(self, extra=()) -> list[float]:
-        """Sorted coarse temperatures: the log-spaced grid, T = 1 and ``extra`` (e.g. fixed tau)."""
-        grid = set()
-        if self.temperature_points:
-            grid.update(torch.logspace(math.log10(self.temperature_min),
-                                       math.log10(self.temperature_max),
-                                       self.temperature_points, dtype=torch.float64).tolist())
-        grid.update([1.0, *[float(t) for t in extra]])
-        return sorted(grid)
 
 
 # ---------------------------------------------------------------------------------------------

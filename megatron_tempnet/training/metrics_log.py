@@ -2,7 +2,7 @@
 
 One rank writes (:func:`is_writer_rank`: last pipeline stage, tp_rank 0, dp_rank 0: the rank that
 holds the DP-reduced metrics); every other rank gets a no-op logger, so callers need no rank
-checks. Configuration: :class:`LoggingConfig` (the lead registers it as the ``logging`` section).
+checks. Configuration: ``training.config.LoggingConfig`` (the ``logging`` section).
 
 What a training iteration logs (``MetricsLogger.log_train``; keys as the loop's metrics dict,
 tags ``train/<key>`` with spaces -> underscores): lr, lm loss (plain CE, tau = 1) and its ppl,
@@ -33,36 +33,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_tempnet.config import ConfigError
-
-
-@dataclass
-class LoggingConfig:
-    """Where metrics go (the console line is always printed by the train loop).
-
-    tensorboard_dir: TensorBoard event directory (None: no TensorBoard). Needs the
-                     ``tensorboard`` package.
-    metrics_jsonl:   path of the JSONL metrics file, appended to (None: none).
-    peak_tflops:     peak dense TFLOP/s of one device for MFU (None: the table in
-                     training/flops.py for the GPU; no MFU on CPU).
-    """
-
-    tensorboard_dir: str | None = None
-    metrics_jsonl: str | None = None
-    peak_tflops: float | None = None
-
-    def validate(self) -> "LoggingConfig":
-        if self.peak_tflops is not None and not (isinstance(self.peak_tflops, (int, float))
-                                                 and self.peak_tflops > 0):
-            raise ConfigError(f"--peak-tflops {self.peak_tflops!r}: must be a number > 0 "
-                              "(e.g. 989 for an H100 in bf16) or left out")
-        if self.tensorboard_dir is not None:
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                raise ConfigError(f"--tensorboard-dir {self.tensorboard_dir}: the tensorboard "
-                                  "package is not installed (pip install tensorboard)") from None
-        return self
+from megatron_tempnet.training.config import LoggingConfig
 
 
 def is_writer_rank(ctx) -> bool:

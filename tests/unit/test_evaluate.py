@@ -15,7 +15,8 @@ from batches import random_batches
 from megatron_tempnet.config import ConfigError, load_model_preset
 from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
 from megatron_tempnet.tempnet import TempNetConfig
-from megatron_tempnet.training.evaluate import (EvalConfig, evaluate, format_eval_table,
+from megatron_tempnet.training.config import EvalConfig
+from megatron_tempnet.training.evaluate import (evaluate, format_eval_table,
                                                 vocab_parallel_token_stats)
 
 RTOL = 1e-5  # fp32 logits, fp64 sums

@@ -221,7 +221,8 @@ def test_evaluation_reports_the_perplexity_at_tau_star(single_process):
     from megatron_tempnet.config import load_model_preset
     from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
     from megatron_tempnet.tempnet import TempNetConfig
-    from megatron_tempnet.training.evaluate import EvalConfig, evaluate, format_eval_table
+    from megatron_tempnet.training.config import EvalConfig
+    from megatron_tempnet.training.evaluate import evaluate, format_eval_table
 
     torch.manual_seed(0)
     cfg = load_model_preset("tiny-llama", vocab_size=200)  # padded to 256

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from megatron_tempnet.config import ConfigError
-from megatron_tempnet.training.metrics_log import (LoggingConfig, MetricsCallback, MetricsLogger,
-                                                   format_duration, format_train_line,
-                                                   is_writer_rank, tau_histogram, train_metrics)
+from megatron_tempnet.training.config import LoggingConfig
+from megatron_tempnet.training.metrics_log import (MetricsCallback, MetricsLogger, format_duration,
+                                                   format_train_line, is_writer_rank,
+                                                   tau_histogram, train_metrics)
 from megatron_tempnet.training.step import (TAU_HISTOGRAM, TAU_HISTOGRAM_BINS, global_metrics,
                                             masked_sum_loss)
 

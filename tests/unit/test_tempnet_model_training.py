@@ -19,8 +19,8 @@ from megatron_tempnet.models.tempnet_gpt import TEMPNET_PARAM_ATTR, build_tempne
 from megatron_tempnet.tempnet import TempNetConfig
 from megatron_tempnet.training.ddp import wrap_ddp
 from megatron_tempnet.training.loop import train
-from megatron_tempnet.training.metrics_log import (LoggingConfig, MetricsCallback, MetricsLogger,
-                                                   Throughput)
+from megatron_tempnet.training.config import LoggingConfig
+from megatron_tempnet.training.metrics_log import MetricsCallback, MetricsLogger, Throughput
 from megatron_tempnet.training.optim import build_optimizer, build_scheduler
 from megatron_tempnet.training.step import TAU_HISTOGRAM_BINS
 
@@ -194,7 +194,8 @@ def test_frozen_lm_scale_aware_starts_at_the_best_global_temperature(single_proc
     b_out follows the model: the first update moves it from the calibrated value)."""
     from megatron_tempnet.arguments import RunConfig
     from megatron_tempnet.train import calibrate_initial_tau
-    from megatron_tempnet.training.evaluate import EvalConfig, evaluate
+    from megatron_tempnet.training.config import EvalConfig
+    from megatron_tempnet.training.evaluate import evaluate
 
     tcfg = TempNetConfig(loss_mode="tempnet_ce", training_mode="frozen_lm", hidden_size=32,
                          arch="scale_aware", lr=1e-3, tau_min=0.05, tau_max=20.0)
