@@ -1,6 +1,6 @@
 """Loss-step benchmark: forward + backward time and extra peak memory of the output projection
 and the loss, for our DRO-loss implementations with TempNet's per-token tau and for plain-CE
-peers (tempnet.md section 4; issue 5).
+peers (docs/parallel_design.md section 5; the peers' H100 numbers: docs/gpu_baselines.md).
 
 Inputs: hidden [tokens, hidden] and the output weight [V, hidden] in --dtype (bf16 by default on
 a GPU), targets uniform over V, all tokens kept. Rows:

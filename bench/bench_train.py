@@ -12,7 +12,7 @@ steps (synchronised on the GPU).
 FLOPs per token: the project's accounting, ``training.flops.flops_per_token`` (Megatron-LM's
 GEMM count, GQA and SwiGLU aware, the same figure the training log's MFU uses), for the LM only:
 TempNet's FLOPs are not counted, so TempNet rows show its cost as lower throughput for the same
-useful work. "MFU 6N" uses docs/gpu-notes.md's rule instead, 6 * N + 12 * L * H * S (N: all LM
+useful work. "MFU 6N" uses docs/gpu_baselines.md's rule instead, 6 * N + 12 * L * H * S (N: all LM
 parameters, embedding included), for comparison with the peers listed there.
 MFU = achieved FLOP/s / peak (``training.flops.peak_flops``: 989 TFLOP/s for an H100 in bf16,
 --peak-tflops overrides; no MFU on the CPU unless --peak-tflops is given).

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(REPO / "demo_out"))
     parser.add_argument("--train-iters", type=int, default=40)
     parser.add_argument("--vocab-size", type=int, default=2000)
-    # tempnet.md section 5: rho = log V - 2.83 as in the paper's GPT-2 run (V padded: 2048)
+    # docs/tempnet_math.md 5: rho = log V - 2.83 as in the paper's GPT-2 run (V padded: 2048)
     parser.add_argument("--rho", type=float, default=round(math.log(2048) - 2.83, 3))
     args = parser.parse_args(argv)
     out = Path(args.out)

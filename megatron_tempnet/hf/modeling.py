@@ -1,4 +1,4 @@
-"""Hugging Face model classes that apply TempNet's per-token temperature (tempnet.md section 5).
+"""Hugging Face model classes that apply TempNet's per-token temperature (docs/tempnet_math.md 5).
 
 ``TempNetLlamaForCausalLM`` / ``TempNetGPT2ForCausalLM`` are the transformers classes with the
 model's own per-token tau of training on top: the TempNet head (the same

@@ -1,4 +1,6 @@
-"""GPT/LLaMA with TempNet and the DRO loss: a megatron-core ``GPTModel`` subclass (tempnet.md 1-3).
+"""GPT/LLaMA with TempNet and the DRO loss: a megatron-core ``GPTModel`` subclass.
+
+Math: docs/tempnet_math.md sections 1-3; placement and parallelism: docs/parallel_design.md.
 
 The one seam overridden is ``compute_language_model_loss(labels, logits)``, which megatron-core's
 ``GPTModel._postprocess`` calls on the last pipeline stage with this rank's vocab-parallel
@@ -25,7 +27,7 @@ never exist whole; evaluation and generation (no labels) keep megatron-core's pa
 loss_mode "ce" is the plain megatron-core ``GPTModel`` (its forward returns CE [b, s], which the
 same loss function reads as a one-channel output): :func:`build_tempnet_model` returns one.
 
-Training modes (tempnet.md 2) are applied from outside the model by :func:`apply_training_mode`:
+Training modes (docs/tempnet_math.md 2.6) are applied from outside by :func:`apply_training_mode`:
 "frozen_lm" sets ``requires_grad=False`` on every LM parameter, so megatron-core DDP gives them no
 gradient buffer and the optimizer no state; the frozen LM still runs forward (with no autograd
 graph when nothing upstream trains: the DRO loss then keeps no [tokens, V/tp] probabilities).
@@ -89,7 +91,7 @@ class TempNetGPTModel(GPTModel):
         of "dro_exact" (detached) or the constant of "dro_fixed_tau". Identical on all TP ranks;
         training (step 1 of the module docstring) and evaluation both call it."""
         cfg = self.tempnet_config
-        if self.tempnet is not None:  # tempnet.md 2
+        if self.tempnet is not None:  # docs/tempnet_math.md 2
             return self.tempnet(logits_shard, self.tp_group)
         if cfg.loss_mode == "dro_exact":
             return solve_tau(logits_shard, cfg.rho, cfg.tau_min, cfg.tau_max, self.tp_group)
@@ -102,7 +104,7 @@ class TempNetGPTModel(GPTModel):
         cfg = self.tempnet_config
         target = labels.transpose(0, 1)  # [s, b]
         tau = self.token_tau(logits)  # 1. tau [s, b] from the detached logits
-        # 2. vocab-parallel DRO loss or tempered CE (tempnet.md 1 and 3), each [s, b]
+        # 2. vocab-parallel DRO loss or tempered CE (docs/parallel_design.md 3), each [s, b]
         loss, ce, tempered_ce = dro_loss_per_token(logits, target, tau, cfg.rho, self.tp_group,
                                                    objective=OBJECTIVES[cfg.loss_mode],
                                                    impl=cfg.dro_loss_impl)

@@ -1,4 +1,4 @@
-"""TempNet (per-token temperature) and the KL-DRO loss, vocab-parallel (docs: tempnet.md)."""
+"""TempNet (per-token temperature) and the KL-DRO loss, vocab-parallel (docs/tempnet_math.md)."""
 from megatron_tempnet.tempnet.comm import all_reduce, group_rank_size, reduce_from_tp
 from megatron_tempnet.tempnet.config import TempNetConfig
 from megatron_tempnet.tempnet.exact_tau import solve_tau

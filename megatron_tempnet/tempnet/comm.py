@@ -2,7 +2,7 @@
 
 Convention: ``group=None`` means "no tensor parallelism" (a single process, no process group
 needed), NOT torch.distributed's default WORLD group. A group of size 1 behaves the same way, so
-TP=1 and TP>1 run the same code (style.md practice 9).
+TP=1 and TP>1 run the same code (docs/parallel_design.md section 1).
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """TempNetConfig: the ONE home of rho, the tau bounds, M and TempNet's optimizer settings.
 
-tempnet.md sections 1 and 2; style.md practice 7 (one name, one home). This dataclass travels
+docs/tempnet_math.md sections 1 and 2.6 (one name, one home). This dataclass travels
 through the head (``TempNetHead``), the loss (``dro_loss`` takes ``config.rho``), checkpoints and
-exported configs. ``loss_mode`` chooses the loss (issue 9 adds more modes to the same field) and
-``training_mode`` which parameters train (tempnet.md section 2, the paper's three modes).
+exported configs. ``loss_mode`` chooses the loss (every loss is a value of this one field) and
+``training_mode`` which parameters train (docs/tempnet_math.md 2.6, the paper's three modes).
 """
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ DRO_LOSS_IMPLS = ("auto", "reference", "fused", "fused_linear")
 
 @dataclass
 class TempNetConfig:
-    """TempNet and DRO-loss hyperparameters (tempnet.md sections 1-2).
+    """TempNet and DRO-loss hyperparameters (docs/tempnet_math.md sections 1-2).
 
     rho:          KL radius of the DRO loss; TempNet is pushed toward the tau at which the
-                  tempered entropy H(p_tau) equals log V - rho (tempnet.md section 1).
+                  tempered entropy H(p_tau) equals log V - rho (docs/tempnet_math.md 1.5).
     tau_min, tau_max: bounds of tau = tau_min + (tau_max - tau_min) * sigmoid(o). Defaults are
                   the paper's GPT-2 run ([0.5, 5.0], rho 8.0); LLaMA used [0.01, 2.0], rho 8.5-10.
     arch:         ``--tempnet-arch`` "paper" (default: the authors' TempNet, exactly) or
@@ -86,7 +86,7 @@ class TempNetConfig:
                   "tempnet_ce" (TempNet's tau per token, loss = CE(z / tau, y): the paper's
                   "TempNet without DRO"; rho is not used by the loss).
     fixed_tau:    the constant tau of "dro_fixed_tau" (tau = 1 gives CE + rho - log V).
-    training_mode: "scratch" | "finetune" | "frozen_lm" (tempnet.md 2: the three modes).
+    training_mode: "scratch" | "finetune" | "frozen_lm" (docs/tempnet_math.md 2.6: the three modes).
                   frozen_lm trains TempNet only, so it needs a loss mode with TempNet
                   (``TEMPNET_LOSS_MODES``: "tempnet_dro" or "tempnet_ce").
     dro_loss_impl: ``--dro-loss-impl`` auto | reference | fused | fused_linear (see

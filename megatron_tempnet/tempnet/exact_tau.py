@@ -1,6 +1,6 @@
 """The exact per-token tau of the DRO loss without TempNet (loss_mode "dro_exact"), vocab-parallel.
 
-tempnet.md section 1: the DRO loss is the dual value min over tau of
+docs/tempnet_math.md sections 1 and 3: the DRO loss is the dual value min over tau of
 
     l(z, y, tau) = tau * CE(z / tau, y) + (rho - log V) * tau,     dl/dtau = rho - KL(p_tau || u).
 

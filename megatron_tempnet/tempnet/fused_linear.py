@@ -1,4 +1,6 @@
-"""Fused linear DRO loss: output projection + tau + DRO loss in token chunks (tempnet.md 4).
+"""Fused linear DRO loss: output projection + tau + DRO loss in token chunks.
+
+Design: docs/parallel_design.md section 5.3.
 
 The full [tokens, V/tp] logits never exist: for each chunk of rows, the logits chunk is computed
 (hidden @ W^T), tau is computed from it (TempNet's head, a fixed tau, or any ``tau_fn``), the row

@@ -1,6 +1,6 @@
-"""Vocab-parallel TempNet head: tau per token from the detached logits (tempnet.md 2 and 3).
+"""Vocab-parallel TempNet head: tau per token from the detached logits (docs/tempnet_math.md 2).
 
-Tensor parallelism (tempnet.md 3), for this rank's logits slice z [t, v/tp]:
+Tensor parallelism (docs/parallel_design.md 2), for this rank's logits slice z [t, v/tp]:
   0. ("max_shifted" only) all-reduce(max) of the row maxima; z <- z - max z.
   1.+2a. W1 is split by vocabulary columns (this rank holds W1[:, slice], [M, v/tp]). Since
      W1 x = (W1 z) / ||z||, the partial product W1[:, slice] z and the partial squared norm
@@ -97,7 +97,7 @@ def _uniform(gen, shape, bound):
 
 def full_init_params(config: TempNetConfig, vocab_size: int, seed: int,
                      dtype: torch.dtype = torch.float32) -> dict:
-    """TempNet's TP=1 initial parameters, drawn on the CPU from `seed` (tempnet.md 2).
+    """TempNet's TP=1 initial parameters, drawn on the CPU from `seed` (docs/tempnet_math.md 2.5).
 
     W1, b1 ~ U(+-1/sqrt(V)), W2, b2 ~ U(+-1/sqrt(M)) (torch.nn.Linear's default, as upstream),
     drawn in this order from one generator; pool_scale s = 0, pool_w w = 1, pool_c c = 0.
@@ -208,9 +208,9 @@ class TempNetHead(_VocabParallelHead):
     def tau_from_shard(self, z: torch.Tensor, tp_group) -> torch.Tensor:
         cfg, dtype = self.config, compute_dtype(self.w1.dtype)
         row_max = None
-        if cfg.input_convention == "max_shifted":  # 0. z - max z (tempnet.md 2.1)
+        if cfg.input_convention == "max_shifted":  # 0. z - max z (docs/tempnet_math.md 2.1)
             row_max = all_reduce(z.amax(dim=-1).to(dtype), MAX, tp_group)  # [t]
-        # 1.+2a. W1 z and ||z||^2 in one packed all-reduce (tempnet.md 3), chunked in fp32
+        # 1.+2a. W1 z, ||z||^2: one packed all-reduce (docs/parallel_design.md 2), chunked in fp32
         partial = _ProjectLogits.apply(z, self.w1, row_max)  # [t, M + 1]
         packed = reduce_from_tp(partial, tp_group)  # [t, M + 1]
         m = cfg.hidden_size

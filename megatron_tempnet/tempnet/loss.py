@@ -1,4 +1,4 @@
-"""Vocab-parallel DRO loss (tempnet.md sections 1 and 3).
+"""Vocab-parallel DRO loss (docs/tempnet_math.md section 1, docs/parallel_design.md section 3).
 
 Per token, with z the logits row, y its target and tau its temperature,
 
@@ -24,8 +24,9 @@ Implementations (``--dro-loss-impl``), one math: both finish with ``row_results`
   fused_linear  the output projection is fused too (tempnet/fused_linear.py): the model calls it
              with the hidden states instead of this function with logits.
 
-Layers (style.md practice 8): the autograd Functions, ``dro_loss_per_token`` (the one dispatch
-point), ``dro_loss`` (loss-mask weighted mean + logged stats, shared with the reference).
+Layers (docs/parallel_design.md section 5): the autograd Functions, ``dro_loss_per_token``
+(the one dispatch point), ``dro_loss`` (loss-mask weighted mean + logged stats, shared with the
+reference).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def check_objective(objective: str) -> None:
 
 def row_results(m_tau, sum_exp_tau, weighted, z_y, m_one, sum_exp_one, tau, rho: float,
                 log_vocab: float, objective: str):
-    """Per-row results from the TP-reduced row statistics, each [t] (tempnet.md 1).
+    """Per-row results from the TP-reduced row statistics, each [t] (docs/tempnet_math.md 1.5-1.6).
 
     Inputs: m_tau = max z/tau, sum_exp_tau = S = sum exp(z/tau - m_tau), weighted = A =
     sum exp(z/tau - m_tau) * (z/tau - m_tau), z_y (target logit), m_one = max z, sum_exp_one =
@@ -293,7 +294,7 @@ def dro_loss(logits_shard: torch.Tensor, target: torch.Tensor, tau: torch.Tensor
              loss_mask: torch.Tensor, rho: float, tp_group=None, objective: str = "dro",
              impl: str = "reference"):
     """Loss-mask weighted mean DRO loss (or tempered CE, ``objective``) and detached stats
-    (tempnet.md sections 1 and 3); ``impl`` as in ``dro_loss_per_token``.
+    (docs/tempnet_math.md 1, docs/parallel_design.md 3); ``impl`` as in ``dro_loss_per_token``.
 
     Shapes: logits_shard [s, b, v/tp] (megatron's layout) or any [..., v/tp]; target, tau and
     loss_mask [...] (e.g. [s, b]). Returns (loss_scalar, stats) with stats = {dro_loss, ce,

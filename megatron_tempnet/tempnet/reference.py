@@ -1,15 +1,15 @@
 """Dense single-process PyTorch references of TempNet and the DRO loss: the test oracles.
 
-These follow tempnet.md sections 1-2 literally on the FULL [..., V] logits with plain autograd,
-so they are independent of the vocab-parallel implementations in ``head.py`` / ``loss.py`` (and
-of the fused kernels issue 5 adds, which must match them). Any float dtype works; float64 gives
-the tightest oracle. Computation happens in ``promote(dtype, float32)``.
+These follow docs/tempnet_math.md sections 1-2 literally on the FULL [..., V] logits with plain
+autograd, so they are independent of the vocab-parallel implementations in ``head.py`` /
+``loss.py`` (and of the fused kernels, which must match them). Any float dtype works; float64
+gives the tightest oracle. Computation happens in ``promote(dtype, float32)``.
 
 API, mirrored by the parallel implementations (one math, one dispatch point in ``loss.py``):
     dro_loss_per_token_reference(logits_full, target, tau, rho) -> (loss, ce, tempered_ce) [...]
     dro_loss_reference(logits_full, target, tau, loss_mask, rho) -> (loss_scalar, stats)
     tempnet_reference(logits_full, params, config, dropout_mask=None) -> tau [...]
-        (config.arch "paper": tempnet.md section 2; "scale_aware": ``scale_aware_reference``)
+        (config.arch "paper": docs/tempnet_math.md 2; "scale_aware": ``scale_aware_reference``)
     reduce_token_losses(...): the loss-mask weighted mean and logged stats (shared by both).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ NORM_EPS = 1e-12
 VAR_EPS = 1e-12
 FEATURE_CLAMP = 4.0
 # "dro": loss = tau * CE(z/tau, y) + (rho - log V) * tau; "tempered_ce": loss = CE(z/tau, y)
-OBJECTIVES = ("dro", "tempered_ce")  # tempnet.md 2.1: x = z / max(||z||_2, 1e-12)
+OBJECTIVES = ("dro", "tempered_ce")  # docs/tempnet_math.md 2.1: x = z / max(||z||_2, 1e-12)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,7 +44,7 @@ def target_logit(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def dro_loss_per_token_reference(logits_full: torch.Tensor, target: torch.Tensor,
                                  tau: torch.Tensor, rho: float, objective: str = "dro"):
-    """Per-token l = tau * CE(z / tau, y) + (rho - log V) * tau (tempnet.md section 1), or
+    """Per-token l = tau * CE(z / tau, y) + (rho - log V) * tau (docs/tempnet_math.md 1.3), or
     l = CE(z / tau, y) for objective "tempered_ce" (TempNet without DRO).
 
     logits_full [..., V], target [...] (int), tau [...] > 0. Returns (loss, ce, tempered_ce),
@@ -68,7 +68,7 @@ def dro_loss_per_token_reference(logits_full: torch.Tensor, target: torch.Tensor
 
 def reduce_token_losses(loss_tok: torch.Tensor, ce_tok: torch.Tensor, tempered_tok: torch.Tensor,
                         tau: torch.Tensor, loss_mask: torch.Tensor):
-    """Loss-mask weighted mean of the per-token losses, and the logged stats (tempnet.md 1).
+    """Loss-mask weighted mean of per-token losses, and the logged stats (docs/tempnet_math.md 1.4).
 
     All inputs [...]. ``loss_mask`` (bool or float weights) 0 drops a token: it contributes
     nothing to the loss, the stats or any gradient. With no token left the loss is 0 and
@@ -108,7 +108,7 @@ def dro_loss_reference(logits_full: torch.Tensor, target: torch.Tensor, tau: tor
 
 def tempnet_reference(logits_full: torch.Tensor, params: dict, config: TempNetConfig,
                       dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense TempNet (tempnet.md section 2): tau [...] from the detached logits [..., V].
+    """Dense TempNet (docs/tempnet_math.md section 2): tau [...] from the detached logits [..., V].
 
     params: w1 [M, V], b1 [M], w2 [M, M], b2 [M], pool_scale [], pool_w [M], pool_c [] (the
     names of ``TempNetHead``'s parameters at TP=1). dropout_mask [..., M], already scaled by

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused DRO loss (tempnet.md section 4): two streaming passes per row.
+"""Triton kernels of the fused DRO loss (docs/parallel_design.md 5.2): two streaming passes.
 
 Pass 1, ``row_stats``: one program per row walks this rank's vocabulary shard in blocks of
 ``BLOCK`` with fp32 accumulators and online rescaling (the flash-softmax trick), reading each

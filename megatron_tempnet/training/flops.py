@@ -13,12 +13,14 @@ sequence length s:
                            ``causal=True`` to halve it, PaLM/FlashAttention-style)
     MLP                    3 * 2 * L * h * f * (3 if SwiGLU else 2)
     logits (LM head)       3 * 2 * h * V
-    TempNet (tempnet.md 2) 2 * M * V (W1) + 2 * M * M (W2) forward; when TempNet trains, W1
+    TempNet                2 * M * V (W1) + 2 * M * M (W2) forward; when TempNet trains, W1
                            twice (its input is detached: no data gradient), W2 three times
+                           (the head: docs/tempnet_math.md section 2.2)
 
 Norms, softmax, the loss and the embedding lookup are not counted (the usual convention).
 For equal numbers of query and KV heads this is 6 * N_nonembedding + 6 * h * V + 12 * L * s * h,
-i.e. the brief's 6N + attention rule; ``forward_only`` counts one pass (factor 1 instead of 3).
+i.e. the 6N + attention rule of docs/gpu_baselines.md; ``forward_only`` counts one pass
+(factor 1 instead of 3).
 
 MFU = achieved model FLOP/s per device / peak. Peaks (dense, no sparsity): bf16/fp16 tensor-core
 peaks of H100/H200 SXM (989 TFLOP/s), A100 (312); fp32 runs use the TF32 peak (half of those).

@@ -2,7 +2,7 @@
 
 TempNet's parameters (marked ``is_tempnet_parameter`` by ``models.tempnet_gpt``) form their own
 parameter group through megatron-core's ``config_overrides`` (keyed by ``ParamKey``), with
-TempNetConfig's lr and weight decay (tempnet.md 2):
+TempNetConfig's lr and weight decay (docs/tempnet_math.md section 2.6):
 - lr_schedule "constant" (default, as upstream): the group carries ``constant_lr``, which
   :class:`Scheduler` returns for it at every step, warmup included (megatron-core's scheduler
   alone would ramp every group from its ``init_lr`` during warmup);

@@ -1,8 +1,8 @@
 """TempNet head + DRO loss at TP=2 (torchrun, 2 processes, gloo) equal the single-process TP=1
-results on the same full inputs (tempnet.md section 3), and the loss costs no more collectives
+results on the same full inputs, and the loss costs no more collectives
 than megatron-core's vocab-parallel cross-entropy; so do the exact tau* of loss_mode "dro_exact"
 (exact_tau.solve_tau: one all-reduce(max), then one packed all-reduce(sum) per pass) and the
-DRO loss at it. One launch covers every check.
+DRO loss at it. One launch covers every check. Design: docs/parallel_design.md sections 2-4.
 """
 import dataclasses
 import math

@@ -1,4 +1,6 @@
-"""TempNetConfig: defaults are valid and every bad value names its field (tempnet.md 2)."""
+"""TempNetConfig: defaults are valid and every bad value names its field.
+
+The fields: docs/tempnet_math.md section 2.6."""
 import pytest
 
 from megatron_tempnet.config import ConfigError

@@ -1,4 +1,4 @@
-"""TempNetHead (tempnet.md section 2) against the dense float64 reference: tau, every
+"""TempNetHead (docs/tempnet_math.md section 2) against the dense float64 reference: tau, every
 parameter's gradient (also through the DRO loss), gradcheck, dropout, initialisation, bounds.
 Single process (tp_group None); tests/parallel/test_tempnet_tp.py covers TP=2.
 

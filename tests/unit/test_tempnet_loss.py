@@ -1,4 +1,4 @@
-"""The DRO loss (tempnet.md section 1) against a dense float64 autograd reference and the
+"""The DRO loss (docs/tempnet_math.md section 1) against a dense float64 autograd reference and the
 analytic gradients; masking, shapes and numerical stability. Single process (tp_group None).
 
 Fresh random inputs every run: the seed is printed (shown by pytest on failure); set
@@ -184,7 +184,7 @@ def test_frozen_logits_still_train_tau(seed):
 
 
 def test_reference_per_token_matches_parallel_per_token(seed):
-    """The two per-token entry points agree (the dispatch point issue 5's kernels plug into)."""
+    """The two per-token entry points agree (the dispatch point the fused kernels plug into)."""
     logits, target, tau, _, rho = make_case(seed)
     for a, b in zip(dro_loss_per_token(logits, target, tau, rho),
                     dro_loss_per_token_reference(logits, target, tau, rho)):

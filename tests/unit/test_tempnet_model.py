@@ -3,7 +3,7 @@ the loss modes "tempnet_ce" and "dro_exact", and their checkpoint / Hugging Face
 
 The model's per-token output [b, s, 4] = (loss, plain CE, tempered CE, tau) is checked
 against the dense references of tempnet/reference.py applied to the model's own full logits
-(its forward without labels), gradients included (tempnet.md 1-2).
+(its forward without labels), gradients included (docs/tempnet_math.md 1-2).
 """
 import math
 
