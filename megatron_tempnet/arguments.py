@@ -1,6 +1,6 @@
 """Megatron-style command line: every flag maps to exactly one dataclass field.
 
-Configuration flows one way (style.md practice 5):
+Configuration flows one way:
     --model preset (configs/models/<name>.yaml) -> --config run.yaml -> command-line flags.
 
 A run YAML has one mapping per section (``model:``, ``parallel:``, ``train:``, ``data:``,

@@ -1,5 +1,5 @@
 """Validation metrics, vocab-parallel: perplexity and calibration at tau = 1, with the model's own
-tau, and at the best single global temperature (tempnet.md 5).
+tau, and at the best single global temperature (docs/tempnet_math.md section 5).
 
 What is computed (all loss-mask weighted, reduced over TP, micro-batches and DP):
   * perplexity exp(mean NLL) at tau = 1; with the model's own per-token tau: TempNet's (loss
@@ -11,7 +11,7 @@ What is computed (all loss-mask weighted, reduced over TP, micro-batches and DP)
     never the argmax, so one correctness flag serves every temperature;
   * top-1 accuracy, the own tau's mean and a fixed-bin histogram over [tau_min, tau_max].
 
-The best global T (tempnet.md 5 asks for it beside tau = 1 and TempNet's tau):
+The best global T (reported beside tau = 1 and TempNet's tau; docs/tempnet_math.md 5):
   1. pass 1: every temperature of a coarse grid in the same pass: ``EvalConfig.temperature_points``
      (25) log-spaced temperatures in [temperature_min, temperature_max] = [0.05, 20] (ratio 1.28
      between neighbours) plus T = 1 and the fixed tau;

@@ -1,6 +1,6 @@
 """The exact tau* of loss_mode "dro_exact" (tempnet/exact_tau.py), one process (TP=1).
 
-Oracles are float64 dense computations of tempnet.md section 1, independent of the solver:
+Oracles are float64 dense computations of docs/tempnet_math.md 1 and 3, independent of the solver:
 KL(p_tau || u) = log V + sum p log p from log_softmax, the DRO loss l(z, y, tau) on a fine tau
 grid (its minimum is the dual value the loss must equal), the reference DRO loss's autograd
 gradient at fixed tau*, and central differences of the dual value itself (the envelope theorem).
