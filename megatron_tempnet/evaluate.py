@@ -12,7 +12,7 @@ Builds: process groups -> tokenizer -> the split's dataset -> model stage -> wei
 ``--load`` (model only: no optimizer, scheduler or RNG; without --load the model is evaluated as
 initialised, with a warning) -> ``training.evaluate.evaluate`` over ``--eval-iters`` global
 batches of ``--global-batch-size`` sequences. Rank 0 prints the table: rows tau = 1, TempNet's
-tau (or the fixed tau), the best global T; columns perplexity and ECE (tempnet.md 5).
+tau (or the fixed tau), the best global T; columns perplexity and ECE (docs/tempnet_math.md 5).
 """
 from __future__ import annotations
 
@@ -75,21 +75,15 @@ def load_model_weights(chunks: list, run, ctx, log) -> int | None:
 
 def main(argv=None, log=None) -> dict:
     from megatron_tempnet.data.datasets import build_datasets, build_micro_batch_iterator
-    from megatron_tempnet.data.tokenizers import load_tokenizer
-    from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
-    from megatron_tempnet.arguments import resolve
-    from megatron_tempnet.parallel import initialize, shutdown
-    from megatron_tempnet.parallel.runtime import detect_launch_env
+    from megatron_tempnet.parallel import shutdown
+    from megatron_tempnet.training.ddp import wrap_ddp
     from megatron_tempnet.training.evaluate import evaluate
-    from megatron_tempnet.training.optim import precision_dtype
+    from megatron_tempnet.training.stage import build_stage, start
 
     log = log or (lambda line: print(line, flush=True))
     run, eval_cfg, split, jsonl = parse(argv)
     par, tr = run.parallel, run.train
-    tokenizer = load_tokenizer(run.data.tokenizer_type, run.data.tokenizer_model)
-    run.model.vocab_size = tokenizer.vocab_size
-    resolve(run, detect_launch_env().world_size)  # every check before process groups and data
-    ctx = initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, tr.seed)
+    ctx, tokenizer = start(run)  # every config check before process groups and data
     samples = eval_cfg.eval_iters * tr.global_batch_size
     _, valid_ds, test_ds = build_datasets(
         run.data, tokenizer, seq_length=tr.seq_length, seed=tr.seed, train_samples=1,
@@ -104,11 +98,7 @@ def main(argv=None, log=None) -> dict:
                                          num_workers=run.data.num_workers,
                                          vocab_size=tokenizer.vocab_size)
 
-    model = build_tempnet_model(run.model, run.tempnet, ctx,
-                                params_dtype=precision_dtype(tr.precision), seed=tr.seed)
-    from megatron_tempnet.training.ddp import wrap_ddp
-
-    chunks = [wrap_ddp(model, use_distributed_optimizer=par.use_distributed_optimizer)]
+    chunks = [wrap_ddp(build_stage(run, ctx), use_distributed_optimizer=par.use_distributed_optimizer)]
     iteration = load_model_weights(chunks, run, ctx, log)
 
     metrics = evaluate(chunks, batches, eval_cfg.eval_iters, ctx, seq_length=tr.seq_length,

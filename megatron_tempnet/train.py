@@ -23,26 +23,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from megatron_tempnet.arguments import RunConfig, parse_args, resolve
+from megatron_tempnet.arguments import RunConfig, parse_args
 from megatron_tempnet.cli import error_line, process_rank, run_command, write_exit_status
 from megatron_tempnet.data.datasets import (build_datasets, build_micro_batch_iterator,
                                             num_samples)
-from megatron_tempnet.data.tokenizers import load_tokenizer
-from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
-from megatron_tempnet.parallel import ParallelContext, initialize, shutdown
-from megatron_tempnet.parallel.runtime import detect_launch_env
+from megatron_tempnet.parallel import ParallelContext, shutdown
 from megatron_tempnet.training.checkpointing import (EXIT_CODE_DIVERGED, EXIT_CODE_PREEMPTED,
                                                      EXIT_CODE_TIME_LIMIT, Checkpointer,
                                                      RunControl, TrainingDiverged, read_latest,
                                                      run_record)
 from megatron_tempnet.training.ddp import wrap_ddp
-from megatron_tempnet.training.save_dir import acquire_lock
 from megatron_tempnet.training.evaluate import EvalCallback
 from megatron_tempnet.training.flops import flops_per_token, peak_flops
 from megatron_tempnet.training.loop import TrainState, train
 from megatron_tempnet.training.metrics_log import (MetricsCallback, MetricsLogger, Throughput,
                                                    format_duration, is_writer_rank)
-from megatron_tempnet.training.optim import build_optimizer, build_scheduler, precision_dtype
+from megatron_tempnet.training.optim import build_optimizer, build_scheduler
+from megatron_tempnet.training.save_dir import acquire_lock
+from megatron_tempnet.training.stage import build_stage, start
 
 
 def log(line: str) -> None:
@@ -103,8 +101,8 @@ def run_summary(run: RunConfig, state: TrainState, start: int, seconds: float) -
     tr, ck, lg = run.train, run.checkpoint, run.logging
     done = state.iteration - start
     last = state.metrics[-1][1] if state.metrics else {}
-    losses = ", ".join(f"{k} {last[k]:.4f}" for k in ("lm loss", "dro loss", "tempered ce")
-                       if k in last)
+    losses = ", ".join(f"{k} = {last[k]:.4f}" for k in ("lm loss", "dro loss", "tempered ce")
+                       if k in last)  # "k = v": the log lines' "lm loss v" stays per iteration
     where = [f"checkpoints {ck.save} (latest {read_latest(ck.save)})" if ck.save else
              "no checkpoints (--save not given)"]
     where += [f"TensorBoard {lg.tensorboard_dir}"] * bool(lg.tensorboard_dir)
@@ -128,10 +126,7 @@ def build(run: RunConfig, start_time: float | None = None,
     ``control``: the run control whose signal handlers are already installed (train.py's
     command enters it before start-up, so that a SIGTERM during --load is honoured)."""
     par, tr, ck, ev, ds = run.parallel, run.train, run.checkpoint, run.eval, run.deepspeed
-    tokenizer = load_tokenizer(run.data.tokenizer_type, run.data.tokenizer_model)
-    run.model.vocab_size = tokenizer.vocab_size
-    resolve(run, detect_launch_env().world_size)  # every check before process groups and data
-    ctx = initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, tr.seed)
+    ctx, tokenizer = start(run)  # every config check before process groups and data
     if ctx.rank == 0:
         log("\n".join(["resolved configuration (preset, --config, flags):", *config_lines(run)]))
     n_train, n_valid, _ = num_samples(tr.train_iters, tr.global_batch_size, ev.eval_iters,
@@ -145,8 +140,7 @@ def build(run: RunConfig, start_time: float | None = None,
                                    vocab_size=tokenizer.vocab_size)
         for d in (train_ds, valid_ds))
 
-    model = build_tempnet_model(run.model, run.tempnet, ctx,
-                                params_dtype=precision_dtype(tr.precision), seed=tr.seed)
+    model = build_stage(run, ctx)
     if ctx.rank == 0:
         n = sum(p.numel() for p in model.parameters())
         log(f"model {run.model.family}: {n:,} parameters on this stage "

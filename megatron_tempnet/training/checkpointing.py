@@ -25,7 +25,7 @@ A resume must keep the checkpoint's TempNet settings, data order and lr schedule
 schedule wins: ``--override-opt-param-scheduler`` / ``--use-checkpoint-opt-param-scheduler``);
 every refusal is one ConfigError line naming both values and the fix.
 
-Resume (``--load``) composes those state dicts (style.md practice 13): a run continued from a
+Resume (``--load``) composes those state dicts: a run continued from a
 checkpoint is bitwise identical to an uninterrupted one (saving moves no RNG; the data iterator
 draws from no global generator). ``--load`` takes the --save directory (its marker names the
 checkpoint) or one iter_* directory; with no checkpoint yet, --load == --save starts from scratch

@@ -1,4 +1,4 @@
-"""The train loop: reads like the algorithm (style.md practice 1).
+"""The train loop: reads like the algorithm.
 
     for each iteration:
         micro-batches of this data-parallel rank -> pipeline schedule (forward + backward)

@@ -1,0 +1,31 @@
+"""The start-up every command shares (train, evaluate): the tokenizer, every configuration check
+(``arguments.resolve``, before any process group or dataset), the process groups, and this
+rank's model stage."""
+from __future__ import annotations
+
+from megatron_tempnet.arguments import RunConfig, resolve
+from megatron_tempnet.data.tokenizers import load_tokenizer
+from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
+from megatron_tempnet.parallel import ParallelContext, initialize
+from megatron_tempnet.parallel.runtime import detect_launch_env
+from megatron_tempnet.training.optim import precision_dtype
+
+
+def start(run: RunConfig):
+    """(ParallelContext, tokenizer): the vocabulary size into ``run.model``, ``resolve``, then
+    the process groups of ``run.parallel``."""
+    par = run.parallel
+    tokenizer = load_tokenizer(run.data.tokenizer_type, run.data.tokenizer_model)
+    run.model.vocab_size = tokenizer.vocab_size
+    resolve(run, detect_launch_env().world_size)
+    ctx = initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                     run.train.seed)
+    return ctx, tokenizer
+
+
+def build_stage(run: RunConfig, ctx: ParallelContext):
+    """This rank's model stage for ``run`` (TempNet per its loss mode, training mode applied),
+    in the run's precision, TempNet's init drawn from the run's seed."""
+    return build_tempnet_model(run.model, run.tempnet, ctx,
+                               params_dtype=precision_dtype(run.train.precision),
+                               seed=run.train.seed)
