@@ -4,7 +4,8 @@
     -> tiny LLaMA + TempNet (DRO loss) trained at TP=2 under torchrun (2 processes, gloo),
        printing loss, tau statistics and tokens/s, with checkpoints, evaluation, TensorBoard
     -> the checkpoint evaluated at TP=1 (perplexity and ECE at tau=1, TempNet tau, best T)
-    -> exported to Hugging Face (demo_out/hf_iter_<N>) -> text generated with TempNet's per-token temperature
+    -> exported to Hugging Face (demo_out/hf_iter_<N>) -> text generated with TempNet's
+       per-token temperature
 
 Each step is the real command a user runs (printed before it runs); outputs go to demo_out/.
 Steps whose outputs exist are skipped; training resumes from its latest checkpoint.

@@ -98,7 +98,8 @@ def main(argv=None, log=None) -> dict:
                                          num_workers=run.data.num_workers,
                                          vocab_size=tokenizer.vocab_size)
 
-    chunks = [wrap_ddp(build_stage(run, ctx), use_distributed_optimizer=par.use_distributed_optimizer)]
+    chunks = [wrap_ddp(build_stage(run, ctx),
+                       use_distributed_optimizer=par.use_distributed_optimizer)]
     iteration = load_model_weights(chunks, run, ctx, log)
 
     metrics = evaluate(chunks, batches, eval_cfg.eval_iters, ctx, seq_length=tr.seq_length,

@@ -59,8 +59,8 @@ from megatron_tempnet.files import write_json_atomic
 from megatron_tempnet.tempnet.config import ARCHS, LOSS_MODES, TRAINING_MODES, TempNetConfig
 
 # Loss modes whose training does not depend on rho: plain CE; the DRO loss at a fixed tau
-# (rho only adds the constant (rho - log V) * tau, docs/tempnet_math.md 1.7); TempNet trained with CE(z/tau)
-# (no DRO term). Every other mode (tempnet_dro, dro_exact, any new DRO mode) is swept over rho.
+# (rho only adds the constant (rho - log V) * tau, docs/tempnet_math.md 1.7); TempNet trained
+# with CE(z/tau) (no DRO term). Every other mode (tempnet_dro, dro_exact, any new DRO mode) is swept over rho.
 RHO_FREE_LOSS_MODES = ("ce", "dro_fixed_tau", "tempnet_ce")
 BASE_LOSS_MODE, BASE_TRAINING_MODE = "ce", "scratch"
 FINAL_EVAL_SEED = 1234  # the test split is evaluated with this seed: same tokens for every cell
@@ -265,8 +265,9 @@ class Cell:
 
 
 def default_rho(cfg: "StudyConfig", margin: float = 2.83) -> float:
-    """The paper's GPT-2 setting rho = log V - 2.83 (docs/tempnet_math.md 5), V the padded vocabulary the
-    trainer will build from this tokenizer, model preset and TP size (the trainer's parser)."""
+    """The paper's GPT-2 setting rho = log V - 2.83 (docs/tempnet_math.md 5), V the padded
+    vocabulary the trainer will build from this tokenizer, model preset and TP size (the
+    trainer's parser)."""
     from megatron_tempnet.arguments import parse_args
     from megatron_tempnet.config import padded_vocab_size
     from megatron_tempnet.data.tokenizers import load_tokenizer
