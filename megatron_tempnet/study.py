@@ -60,7 +60,8 @@ from megatron_tempnet.tempnet.config import ARCHS, LOSS_MODES, TRAINING_MODES, T
 
 # Loss modes whose training does not depend on rho: plain CE; the DRO loss at a fixed tau
 # (rho only adds the constant (rho - log V) * tau, docs/tempnet_math.md 1.7); TempNet trained
-# with CE(z/tau) (no DRO term). Every other mode (tempnet_dro, dro_exact, any new DRO mode) is swept over rho.
+# with CE(z/tau) (no DRO term). Every other mode (tempnet_dro, dro_exact, any new DRO mode) is
+# swept over rho.
 RHO_FREE_LOSS_MODES = ("ce", "dro_fixed_tau", "tempnet_ce")
 BASE_LOSS_MODE, BASE_TRAINING_MODE = "ce", "scratch"
 FINAL_EVAL_SEED = 1234  # the test split is evaluated with this seed: same tokens for every cell
