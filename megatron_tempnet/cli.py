@@ -37,7 +37,7 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 class EarlySignals:
     """A SIGTERM / SIGUSR1 handler for the seconds before RunControl exists (imports, parsing):
     it records the signal instead of dying with 143; RunControl takes the record over
-    (``checkpointing.RunControl.__enter__``) and stops the run once that is safe."""
+    (``run_control.RunControl.__enter__``) and stops the run once that is safe."""
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
 

@@ -58,7 +58,8 @@ def load_model_weights(chunks: list, run, ctx, log) -> int | None:
     """THE checkpoint-loading call site: model weights (TempNet included) from ``--load`` via
     training/checkpointing.py, with its shape check; no optimizer, scheduler or RNG state.
     Returns the checkpoint's iteration, or None when nothing was loaded."""
-    from megatron_tempnet.training.checkpointing import Checkpointer, run_record
+    from megatron_tempnet.training.checkpointing import Checkpointer
+    from megatron_tempnet.training.run_record import run_record
 
     ck = getattr(run, "checkpoint", None)
     if ck is None or not ck.load:

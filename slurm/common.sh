@@ -41,7 +41,7 @@
 #   (EXIT_CODE_DIVERGED included) is not. Make <seconds> larger than a checkpoint save (see docs/parallel_layouts.md).
 #   Without SLURM, the run exits with EXIT_CODE_PREEMPTED and the same command resumes it.
 
-# The trainer's exit codes after saving a checkpoint (megatron_tempnet/training/checkpointing.py;
+# The trainer's exit codes after saving a checkpoint (megatron_tempnet/training/run_control.py;
 # tests/unit/test_slurm.py keeps them equal): both mean "requeue me".
 EXIT_CODE_PREEMPTED=3   # SIGTERM / SIGUSR1 received
 EXIT_CODE_TIME_LIMIT=4  # --exit-duration-in-mins reached

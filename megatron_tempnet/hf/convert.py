@@ -50,7 +50,8 @@ def load_checkpoint_full(load: str) -> tuple[dict, ModelConfig, TempNetConfig]:
 
     from megatron_tempnet.models.sharding import model_tensors
     from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
-    from megatron_tempnet.training.checkpointing import model_sharded_state_dict, resolve_load_dir
+    from megatron_tempnet.training.checkpoint_layout import resolve_load_dir
+    from megatron_tempnet.training.checkpointing import model_sharded_state_dict
 
     path = resolve_load_dir(load, None)
     if path is None:
@@ -180,9 +181,9 @@ def hf_to_checkpoint(hf_dir: str, save: str, make_vocab_size_divisible_by: int =
     from megatron_tempnet.models.gpt import build_model
     from megatron_tempnet.models.sharding import load_local
     from megatron_tempnet.config import TrainConfig
-    from megatron_tempnet.training.checkpointing import (CHECKPOINT_VERSION, iteration_dir,
-                                                         model_sharded_state_dict, save_sharded,
-                                                         write_latest)
+    from megatron_tempnet.training.checkpoint_layout import (CHECKPOINT_VERSION, iteration_dir,
+                                                             write_latest)
+    from megatron_tempnet.training.checkpointing import model_sharded_state_dict, save_sharded
 
     _check_hf_to_checkpoint(hf_dir, save, make_vocab_size_divisible_by, target_tp)
     full, cfg = hf_to_full(hf_dir, make_vocab_size_divisible_by)
@@ -210,7 +211,7 @@ def _check_hf_to_checkpoint(hf_dir: str, save: str, divisible_by: int, target_tp
     """The bad inputs of hf_to_checkpoint, found before any weight is read or file written."""
     from math import gcd
 
-    from megatron_tempnet.training.checkpointing import LATEST_FILE, saved_iterations
+    from megatron_tempnet.training.checkpoint_layout import LATEST_FILE, saved_iterations
 
     config, family = read_hf_config(hf_dir)
     heads = config.get("num_attention_heads" if family == "llama" else "n_head")

@@ -303,7 +303,7 @@ def _check_share(root: Path, entries: dict, algorithm: str, threads: int | None)
 
 def _fix(root: Path) -> str:
     """What to do about a corrupt checkpoint: an earlier one of the same --save, if any."""
-    from megatron_tempnet.training.checkpointing import iteration_dir, saved_iterations
+    from megatron_tempnet.training.checkpoint_layout import iteration_dir, saved_iterations
 
     fix = "restore it from a copy"
     name = root.name

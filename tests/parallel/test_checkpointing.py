@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from megatron_tempnet.training.checkpointing import (EXIT_CODE_PREEMPTED, EXIT_CODE_TIME_LIMIT)
+from megatron_tempnet.training.run_control import EXIT_CODE_PREEMPTED, EXIT_CODE_TIME_LIMIT
 from torchrun import run_torchrun
 
 pytestmark = pytest.mark.parallel

@@ -22,11 +22,11 @@ import pytest
 import torch
 
 from megatron_tempnet.config import ConfigError, TrainConfig
-from megatron_tempnet.training.checkpointing import (EXIT_CODE_PREEMPTED, resolve_load_dir,
-                                                     write_latest)
+from megatron_tempnet.training.checkpoint_layout import resolve_load_dir, write_latest
 from megatron_tempnet.training.config import DeepSpeedConfig
 from megatron_tempnet.training.deepspeed import (deepspeed_available, read_client_state,
                                                  resolve_deepspeed_config)
+from megatron_tempnet.training.run_control import EXIT_CODE_PREEMPTED
 from torchrun import REPO, run_torchrun
 
 needs_deepspeed = pytest.mark.skipif(

@@ -12,10 +12,16 @@ from megatron_tempnet.arguments import parse_args
 from megatron_tempnet.config import ConfigError, ModelConfig, TrainConfig
 from megatron_tempnet.tempnet import TempNetConfig
 from megatron_tempnet.training import save_dir
-from megatron_tempnet.training.checkpointing import (
-    EXIT_CODE_PREEMPTED, EXIT_CODE_TIME_LIMIT, LATEST_FILE, CheckpointConfig, Checkpointer,
-    RunControl, TrainingDiverged, get_rng_state, iteration_dir, prune_checkpoints, read_latest,
-    resolve_load_dir, run_record, saved_iterations, set_rng_state, shape_mismatches, write_latest)
+from megatron_tempnet.training.checkpoint_config import CheckpointConfig
+from megatron_tempnet.training.checkpoint_layout import (LATEST_FILE, iteration_dir,
+                                                         prune_checkpoints, read_latest,
+                                                         resolve_load_dir, saved_iterations,
+                                                         write_latest)
+from megatron_tempnet.training.checkpointing import Checkpointer
+from megatron_tempnet.training.rng_state import get_rng_state, set_rng_state
+from megatron_tempnet.training.run_control import (EXIT_CODE_PREEMPTED, EXIT_CODE_TIME_LIMIT,
+                                                   RunControl, TrainingDiverged)
+from megatron_tempnet.training.run_record import run_record, shape_mismatches
 
 
 def make_checkpoint(root, iteration, complete=True):

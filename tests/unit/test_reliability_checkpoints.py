@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from megatron_tempnet.training.checkpointing import (CheckpointConfig, RunControl,
-                                                     TrainingDiverged)
+from megatron_tempnet.training.checkpoint_config import CheckpointConfig
+from megatron_tempnet.training.run_control import RunControl, TrainingDiverged
 from reliability import assert_one_error
 from torchrun import REPO, free_port
 

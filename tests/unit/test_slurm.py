@@ -223,11 +223,13 @@ def test_no_requeue_on_failure(fake_slurm):
 
 
 def test_exit_codes_match_the_trainer():
-    checkpointing = pytest.importorskip("megatron_tempnet.training.checkpointing")
+    run_control = pytest.importorskip("megatron_tempnet.training.run_control")
+    from megatron_tempnet.training.checkpoint_layout import LATEST_FILE
+
     text = (SLURM / "common.sh").read_text()
-    assert f"EXIT_CODE_PREEMPTED={checkpointing.EXIT_CODE_PREEMPTED}" in text
-    assert f"EXIT_CODE_TIME_LIMIT={checkpointing.EXIT_CODE_TIME_LIMIT}" in text
-    assert checkpointing.LATEST_FILE in text
+    assert f"EXIT_CODE_PREEMPTED={run_control.EXIT_CODE_PREEMPTED}" in text
+    assert f"EXIT_CODE_TIME_LIMIT={run_control.EXIT_CODE_TIME_LIMIT}" in text
+    assert LATEST_FILE in text
 
 
 @pytest.mark.parallel  # two torchrun launches of 2 processes

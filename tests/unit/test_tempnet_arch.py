@@ -18,7 +18,7 @@ from megatron_tempnet.tempnet import (SCALE_AWARE_PARAM_NAMES, ScaleAwareTempNet
                                       TempNetConfig, TempNetHead, build_tempnet_head,
                                       dro_loss_per_token, scale_aware_reference, solve_tau)
 from megatron_tempnet.tempnet.head import SCALE_AWARE_FEATURES, scale_aware_init_params
-from megatron_tempnet.training.checkpointing import shape_mismatches
+from megatron_tempnet.training.run_record import shape_mismatches
 
 FP64_TOL = dict(rtol=1e-10, atol=1e-12)
 VOCAB, HIDDEN = 43, 11  # odd on purpose

@@ -187,10 +187,10 @@ def test_new_modes_checkpoint_and_export_round_trip(single_process, tmp_path, mo
 
     from megatron_tempnet.config import TrainConfig
     from megatron_tempnet.hf import convert
-    from megatron_tempnet.training.checkpointing import (CHECKPOINT_VERSION, iteration_dir,
-                                                         model_sharded_state_dict, run_record,
-                                                         save_sharded, shape_mismatches,
-                                                         write_latest)
+    from megatron_tempnet.training.checkpoint_layout import (CHECKPOINT_VERSION, iteration_dir,
+                                                             write_latest)
+    from megatron_tempnet.training.checkpointing import model_sharded_state_dict, save_sharded
+    from megatron_tempnet.training.run_record import run_record, shape_mismatches
 
     cfg, tcfg, model = tiny(single_process, loss_mode=loss_mode, rho=0.045, tau_min=0.3)
     with torch.no_grad():

@@ -29,7 +29,8 @@ from megatron_tempnet import train as entry
 from megatron_tempnet.arguments import parse_args
 from megatron_tempnet.config import ConfigError
 from megatron_tempnet.training import checkpointing, step
-from megatron_tempnet.training.checkpointing import TrainingDiverged, read_latest, saved_iterations
+from megatron_tempnet.training.checkpoint_layout import read_latest, saved_iterations
+from megatron_tempnet.training.run_control import TrainingDiverged
 from megatron_tempnet.training.step import forward_backward, reduce_reports
 from torchrun import save_rank_result
 

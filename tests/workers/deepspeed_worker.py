@@ -159,7 +159,7 @@ def checkpoint_main(data, tokenizer, work: Path):
     from megatron_tempnet import train as entry
     from megatron_tempnet.arguments import parse_args
     from megatron_tempnet.config import ConfigError
-    from megatron_tempnet.training.checkpointing import read_latest, saved_iterations
+    from megatron_tempnet.training.checkpoint_layout import read_latest, saved_iterations
 
     def build(*extra, **kw):
         return entry.build(parse_args(flags(data, tokenizer, *extra, **kw)))
