@@ -22,7 +22,7 @@ from megatron_tempnet.config import (ConfigError, ModelConfig, ParallelConfig, T
 from megatron_tempnet.parallel.runtime import validate_layout
 from megatron_tempnet.data.config import DataConfig
 from megatron_tempnet.tempnet.config import TempNetConfig
-from megatron_tempnet.training.checkpointing import CheckpointConfig
+from megatron_tempnet.training.checkpoint_config import CheckpointConfig
 from megatron_tempnet.training.config import DeepSpeedConfig, EvalConfig, LoggingConfig
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig,

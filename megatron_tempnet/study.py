@@ -494,7 +494,7 @@ def load_finished(cfg: StudyConfig, cell: Cell) -> dict | None:
 
 def read_latest_iteration(ckpt: Path) -> int | None:
     """The iteration of ``ckpt``'s latest checkpoint marker (training/checkpointing.py)."""
-    from megatron_tempnet.training.checkpointing import read_latest
+    from megatron_tempnet.training.checkpoint_layout import read_latest
 
     try:
         return read_latest(ckpt) if ckpt.is_dir() else None

@@ -28,10 +28,12 @@ from megatron_tempnet.cli import error_line, process_rank, run_command, write_ex
 from megatron_tempnet.data.datasets import (build_datasets, build_micro_batch_iterator,
                                             num_samples)
 from megatron_tempnet.parallel import ParallelContext, shutdown
-from megatron_tempnet.training.checkpointing import (EXIT_CODE_DIVERGED, EXIT_CODE_PREEMPTED,
-                                                     EXIT_CODE_TIME_LIMIT, Checkpointer,
-                                                     RunControl, TrainingDiverged, read_latest,
-                                                     run_record)
+from megatron_tempnet.training.checkpoint_layout import read_latest
+from megatron_tempnet.training.checkpointing import Checkpointer
+from megatron_tempnet.training.run_control import (EXIT_CODE_DIVERGED, EXIT_CODE_PREEMPTED,
+                                                   EXIT_CODE_TIME_LIMIT, RunControl,
+                                                   TrainingDiverged)
+from megatron_tempnet.training.run_record import run_record
 from megatron_tempnet.training.ddp import wrap_ddp
 from megatron_tempnet.training.evaluate import EvalCallback
 from megatron_tempnet.training.flops import flops_per_token, peak_flops

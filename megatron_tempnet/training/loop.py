@@ -24,7 +24,8 @@ import torch
 
 from megatron_tempnet.config import TrainConfig
 from megatron_tempnet.parallel.runtime import ParallelContext
-from megatron_tempnet.training.checkpointing import Checkpointer, RunControl
+from megatron_tempnet.training.checkpointing import Checkpointer
+from megatron_tempnet.training.run_control import RunControl
 from megatron_tempnet.training.metrics_log import (Throughput, format_train_line,
                                                    tau_histogram_edges, train_metrics)
 from megatron_tempnet.training.step import (REPORT_COUNTS, TAU_HISTOGRAM, StepOutput,
