@@ -29,6 +29,7 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,14 +40,15 @@ sys.path.insert(0, str(REPO))
 from megatron_tempnet.config import ATTENTION_BACKENDS, TrainConfig, load_model_preset  # noqa: E402,E501
 from megatron_tempnet.training.flops import flops_per_token, peak_flops  # noqa: E402
 from megatron_tempnet.models.tempnet_gpt import (TEMPNET_PARAM_ATTR,  # noqa: E402
-                                                 build_tempnet_model)
+                                                 build_tempnet_model, loss_channels)
 from megatron_tempnet.parallel import initialize, shutdown  # noqa: E402
 from megatron_tempnet.tempnet import TempNetConfig  # noqa: E402
 from megatron_tempnet.tempnet.config import DRO_LOSS_IMPLS, LOSS_MODES  # noqa: E402
 from megatron_tempnet.training.ddp import wrap_ddp  # noqa: E402
 from megatron_tempnet.training.optim import (build_optimizer, build_scheduler,  # noqa: E402
                                              precision_dtype)
-from megatron_tempnet.training.step import train_step  # noqa: E402
+from megatron_tempnet.training.reports import ReportSpec  # noqa: E402
+from megatron_tempnet.training.step import megatron_step  # noqa: E402
 
 
 def random_batches(vocab: int, b: int, s: int, device):
@@ -82,8 +84,9 @@ def measure(cfg, loss_mode: str, attention: str, args, ctx, impl: str = "auto") 
     scheduler = build_scheduler(optimizer, train)
     batches = random_batches(cfg.vocab_size, args.micro_batch_size, args.seq_length, ctx.device)
 
-    def step():
-        train_step(chunks, optimizer, scheduler, batches, train, num_micro=1)
+    step = partial(megatron_step(chunks, optimizer, scheduler, train,
+                                 ReportSpec.build(tempnet_cfg, loss_channels(tempnet_cfg), 32)),
+                   batches, 1)
 
     for _ in range(args.warmup):
         step()

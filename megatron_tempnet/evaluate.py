@@ -70,8 +70,7 @@ def load_model_weights(chunks: list, run, ctx, log) -> int | None:
                               no_load_rng=True).validate()
     loader = Checkpointer(cfg, chunks, optimizer=None, scheduler=None, ctx=ctx,
                           record=run_record(run.model, run.tempnet, run.train, ctx), log=log)
-    iteration, _ = loader.load()
-    return iteration
+    return loader.load()["iteration"]
 
 
 def main(argv=None, log=None) -> dict:
@@ -79,7 +78,7 @@ def main(argv=None, log=None) -> dict:
     from megatron_tempnet.parallel import shutdown
     from megatron_tempnet.training.ddp import wrap_ddp
     from megatron_tempnet.training.evaluate import evaluate
-    from megatron_tempnet.training.stage import build_stage, start
+    from megatron_tempnet.training.stage import build_stage, report_spec, start
 
     log = log or (lambda line: print(line, flush=True))
     run, eval_cfg, split, jsonl = parse(argv)
@@ -105,7 +104,8 @@ def main(argv=None, log=None) -> dict:
 
     metrics = evaluate(chunks, batches, eval_cfg.eval_iters, ctx, seq_length=tr.seq_length,
                        micro_batch_size=tr.micro_batch_size,
-                       num_microbatches=tr.num_microbatches(ctx.dp_size), config=eval_cfg)
+                       num_microbatches=tr.num_microbatches(ctx.dp_size), config=eval_cfg,
+                       spec=report_spec(run))
     if ctx.rank == 0:
         where = f"checkpoint iteration {iteration}" if iteration is not None else "initial model"
         log(format_eval_table(metrics, f"{split} ({where}, loss mode {run.tempnet.loss_mode})"))

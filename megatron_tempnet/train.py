@@ -37,35 +37,30 @@ from megatron_tempnet.training.run_record import run_record
 from megatron_tempnet.training.ddp import wrap_ddp
 from megatron_tempnet.training.evaluate import EvalCallback
 from megatron_tempnet.training.flops import flops_per_token, peak_flops
-from megatron_tempnet.training.loop import TrainState, train
+from megatron_tempnet.training.loop import TrainLoop, TrainState
 from megatron_tempnet.training.metrics_log import (MetricsCallback, MetricsLogger, Throughput,
                                                    format_duration, is_writer_rank)
 from megatron_tempnet.training.optim import build_optimizer, build_scheduler
-from megatron_tempnet.training.save_dir import acquire_lock
-from megatron_tempnet.training.stage import build_stage, start
+from megatron_tempnet.training.save_dir import acquire_lock, continues
+from megatron_tempnet.training.reports import ReportSpec
+from megatron_tempnet.training.stage import build_stage, report_spec, start
+from megatron_tempnet.training.step import megatron_step
 
 
 def log(line: str) -> None:
     print(line, flush=True)
 
 
-@dataclass
-class Trainer:
-    """Everything one run trains with, built by :func:`build` (tests and hooks reach in here)."""
+@dataclass(kw_only=True)
+class Trainer(TrainLoop):
+    """The train loop (training/loop.py: step, data, state, checkpointer, run control,
+    callbacks) with what :func:`build` built it from (tests and hooks reach in here)."""
 
     run: RunConfig
-    ctx: ParallelContext
     model_chunks: list
     optimizer: object
     scheduler: object
-    batches: object
-    checkpointer: Checkpointer | None
-    control: RunControl
-    state: TrainState
     logger: MetricsLogger  # TensorBoard / JSONL sinks (a no-op but on the writer rank)
-    throughput: Throughput  # FLOPs per token and device peak, for TFLOP/s and MFU
-    callbacks: list  # evaluation and metrics sinks, run after every iteration
-    step: object = None  # the DeepSpeed engine's step; None: the megatron-core step
 
     def train(self, callbacks=()) -> TrainState:
         """The train loop, then a summary; a signal received during start-up stops before the
@@ -79,17 +74,13 @@ class Trainer:
                     if self.ctx.rank == 0:
                         log(stop.message)
                     return self.state
-            if start >= self.run.train.train_iters and self.ctx.rank == 0:
+            if start >= self.train_cfg.train_iters and self.ctx.rank == 0:
                 log(f"the checkpoint is at iteration {start}, --train-iters is "
-                    f"{self.run.train.train_iters}: nothing to train (raise --train-iters to "
+                    f"{self.train_cfg.train_iters}: nothing to train (raise --train-iters to "
                     "continue)")
-            state = train(self.model_chunks, self.optimizer, self.scheduler, self.batches,
-                          self.run.train, self.ctx, state=self.state, log=log,
-                          checkpointer=self.checkpointer, control=self.control,
-                          callbacks=[*self.callbacks, *callbacks], step=self.step,
-                          tau_range=self.run.tempnet.tau_range, throughput=self.throughput)
+            state = super().train(callbacks)
             if is_writer_rank(self.ctx):
-                log(run_summary(self.run, state, start, time.perf_counter() - t0))
+                log(run_summary(self.run, self.spec, state, start, time.perf_counter() - t0))
             return state
         finally:
             self.logger.close()
@@ -97,14 +88,15 @@ class Trainer:
                 self.checkpointer.close()
 
 
-def run_summary(run: RunConfig, state: TrainState, start: int, seconds: float) -> str:
+def run_summary(run: RunConfig, spec: ReportSpec, state: TrainState, start: int,
+                seconds: float) -> str:
     """The last line of a run: iterations and tokens of this job, time, final losses, where the
     checkpoints and metrics are."""
     tr, ck, lg = run.train, run.checkpoint, run.logging
     done = state.iteration - start
     last = state.metrics[-1][1] if state.metrics else {}
-    losses = ", ".join(f"{k} = {last[k]:.4f}" for k in ("lm loss", "dro loss", "tempered ce")
-                       if k in last)  # "k = v": the log lines' "lm loss v" stays per iteration
+    # "k = v": the log lines' "lm loss v" stays per iteration
+    losses = ", ".join(f"{k} = {last[k]:.4f}" for k in spec.losses if k in last)
     where = [f"checkpoints {ck.save} (latest {read_latest(ck.save)})" if ck.save else
              "no checkpoints (--save not given)"]
     where += [f"TensorBoard {lg.tensorboard_dir}"] * bool(lg.tensorboard_dir)
@@ -142,34 +134,35 @@ def build(run: RunConfig, start_time: float | None = None,
                                    vocab_size=tokenizer.vocab_size)
         for d in (train_ds, valid_ds))
 
-    model = build_stage(run, ctx)
+    model, spec = build_stage(run, ctx), report_spec(run)
     if ctx.rank == 0:
         n = sum(p.numel() for p in model.parameters())
         log(f"model {run.model.family}: {n:,} parameters on this stage "
             f"(TP={ctx.tp_size} PP={ctx.pp_size} DP={ctx.dp_size}), loss "
             f"{run.tempnet.loss_mode}, mode {run.tempnet.training_mode}")
-    step = None
     if ds.deepspeed:
-        chunks, optimizer, scheduler, step, checkpointer = _deepspeed(run, model, ctx)
+        chunks, optimizer, scheduler, step, checkpointer = _deepspeed(run, model, ctx, spec)
     else:
         chunks = [wrap_ddp(model, use_distributed_optimizer=par.use_distributed_optimizer)]
         optimizer = build_optimizer(chunks, tr, tempnet_cfg=run.tempnet,
                                     use_distributed_optimizer=par.use_distributed_optimizer)
         scheduler = build_scheduler(optimizer, tr)
+        step = megatron_step(chunks, optimizer, scheduler, tr, spec)
         checkpointer = Checkpointer(ck, chunks, optimizer, scheduler, ctx,
                                     run_record(run.model, run.tempnet, tr, ctx), log=log)
-    iteration, consumed = checkpointer.load()
-    if iteration == 0 and step is None:  # a fresh frozen_lm run: TempNet's start (see below)
-        calibrate_initial_tau(run, chunks, optimizer, ctx, lambda: build_micro_batch_iterator(
-            train_ds, tr.micro_batch_size, tr.global_batch_size, ctx.dp_rank, ctx.dp_size))
-    batches.load_state_dict({"consumed_samples": consumed})
     if control is None:
         control = RunControl(ck, start_time=start_time)
-    control.device, control.vocab_size = ctx.device, tokenizer.vocab_size
-    logger, throughput, callbacks = _sinks(run, chunks, valid_batches, ctx)
-    return Trainer(run, ctx, chunks, optimizer, scheduler, batches, checkpointer, control,
-                   TrainState(iteration=iteration, consumed_samples=consumed), logger,
-                   throughput, callbacks, step)
+    control.bind(ctx.device, tokenizer.vocab_size, spec.losses)
+    logger, throughput, callbacks = _sinks(run, chunks, valid_batches, ctx, spec)
+    trainer = Trainer(step=step, batches=batches, train_cfg=tr, ctx=ctx,
+                      checkpointer=checkpointer, control=control, callbacks=callbacks, spec=spec,
+                      throughput=throughput, log=log, run=run, model_chunks=chunks,
+                      optimizer=optimizer, scheduler=scheduler, logger=logger)
+    trainer.restore()  # --load: the model, optimizer, ... and the trainer's own state
+    if trainer.state.iteration == 0 and not ds.deepspeed:  # a fresh frozen_lm run: TempNet's
+        calibrate_initial_tau(run, chunks, optimizer, ctx, lambda: build_micro_batch_iterator(
+            train_ds, tr.micro_batch_size, tr.global_batch_size, ctx.dp_rank, ctx.dp_size))
+    return trainer
 
 
 def calibrate_initial_tau(run: RunConfig, chunks: list, optimizer, ctx: ParallelContext,
@@ -195,7 +188,8 @@ def calibrate_initial_tau(run: RunConfig, chunks: list, optimizer, ctx: Parallel
     n = run.eval.eval_iters or 10
     metrics = evaluate(chunks, iter(training_batches()), n, ctx, seq_length=tr.seq_length,
                        micro_batch_size=tr.micro_batch_size,
-                       num_microbatches=tr.num_microbatches(ctx.dp_size), config=run.eval)
+                       num_microbatches=tr.num_microbatches(ctx.dp_size), config=run.eval,
+                       spec=report_spec(run))
     tau = start_at_tau(head, metrics["best T"])
     optimizer.reload_model_params()  # main (fp32 / sharded) copies follow the model
     if ctx.rank == 0:
@@ -206,7 +200,8 @@ def calibrate_initial_tau(run: RunConfig, chunks: list, optimizer, ctx: Parallel
     return tau
 
 
-def _sinks(run: RunConfig, chunks: list, valid_batches, ctx: ParallelContext):
+def _sinks(run: RunConfig, chunks: list, valid_batches, ctx: ParallelContext,
+           spec: ReportSpec):
     """(the metrics logger, the throughput constants, the callbacks: the logger's sink and
     periodic evaluation on the validation split). The resolved configuration goes to the
     sinks as the run's hyperparameters."""
@@ -222,12 +217,12 @@ def _sinks(run: RunConfig, chunks: list, valid_batches, ctx: ParallelContext):
         peak=peak_flops(ctx.device, tr.precision, run.logging.peak_tflops))
     callbacks = [MetricsCallback(logger)]
     if valid_batches is not None and run.eval.eval_iters > 0:
-        callbacks.append(EvalCallback(chunks, valid_batches, ctx, run.eval, tr, logger=logger,
-                                      log=log))
+        callbacks.append(EvalCallback(chunks, valid_batches, ctx, run.eval, tr, spec,
+                                      logger=logger, log=log))
     return logger, throughput, callbacks
 
 
-def _deepspeed(run: RunConfig, model, ctx: ParallelContext):
+def _deepspeed(run: RunConfig, model, ctx: ParallelContext, spec: ReportSpec):
     """The DeepSpeed engine path (ZeRO 1/2): its step replaces the megatron-core step, its
     checkpointer (DeepSpeed's own format, our marker and run control) the megatron-core one."""
     from functools import partial
@@ -242,7 +237,7 @@ def _deepspeed(run: RunConfig, model, ctx: ParallelContext):
                                          run_record(run.model, run.tempnet, run.train, ctx),
                                          log=log)
     return ([engine.module], engine.optimizer, scheduler,
-            partial(deepspeed_train_step, engine, scheduler, tau_range=run.tempnet.tau_range),
+            partial(deepspeed_train_step, engine, scheduler, spec=spec),
             checkpointer)
 
 
@@ -251,20 +246,31 @@ EXIT_REASONS = {0: "done", EXIT_CODE_PREEMPTED: "preempted", EXIT_CODE_TIME_LIMI
 
 
 def _main(argv, status: dict) -> int:
-    """Parse, lock --save (rank 0: ``status["dir"]`` then names where exit_status.json goes:
-    "running" from here on, the outcome at the end), build, train."""
+    """Parse, lock --save, build (--load; the run claims --save: save_dir.py), train. Rank 0
+    records the run in <--save>/exit_status.json (``status["dir"]``: "running", then the
+    outcome) from the start when --save is new or this run continues it (--load inside it),
+    else once the run has claimed it: a run refused as another run's never writes there."""
     start_time = time.time()
     run = parse_args(argv)
     save, rank0 = run.checkpoint.save, process_rank() == 0
+
+    def record_start():
+        if save and rank0 and "dir" not in status:
+            status["dir"] = save
+            write_exit_status(save, None, "running", "started", None)
+
     if save and rank0:
-        acquire_lock(Path(save))  # another run writing there: one line, nothing written
-        status["dir"] = save
-        write_exit_status(save, None, "running", "started", None)
+        if not run.checkpoint.no_save_lock:
+            acquire_lock(Path(save))  # another run writing there: one line, nothing written
+        if continues(Path(save), run.checkpoint.load):
+            record_start()
     control = RunControl(run.checkpoint, start_time=start_time)
     state = None
     with control:  # a SIGTERM from here on stops the run once that is safe
         try:
-            state = build(run, start_time, control).train()
+            trainer = build(run, start_time, control)
+            record_start()
+            state = trainer.train()
             code, message = state.exit_code, state.stop_reason or "finished"
         except TrainingDiverged as e:  # every rank raises it (RunControl's all-reduce)
             latest = read_latest(save) if save else None

@@ -10,8 +10,8 @@
 The run is parsed by the trainer's own parser (megatron_tempnet.arguments), so every training
 flag is accepted and means what it means to the trainer. The options below describe what the
 run YAML does not hold: how many GPUs, and the layout knobs the trainer does not expose yet.
-The arithmetic and its assumptions: megatron_tempnet/estimate.py; the layouts it justifies:
-docs/parallel_layouts.md.
+The arithmetic and its assumptions: megatron_tempnet/experiments/estimate.py; the layouts it
+justifies: docs/parallel_layouts.md.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_tempnet.arguments import parse_args  # noqa: E402
-from megatron_tempnet.estimate import (ACTIVATION_MARGIN, H100_BF16_DENSE_TFLOPS,  # noqa: E402
-                                       H100_MEMORY_GIB, count_parameters, explain,
-                                       layout_from_run)
+from megatron_tempnet.experiments.estimate import (ACTIVATION_MARGIN,  # noqa: E402
+                                                   H100_BF16_DENSE_TFLOPS, H100_MEMORY_GIB,
+                                                   count_parameters, explain, layout_from_run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ trained once per seed), each cell a `python -m megatron_tempnet.train` subproces
 OUT/results.md, OUT/results.json (mean ± std over seeds per row) and OUT/plots/*.png
 (validation curves, tau histograms). Run it again to resume: finished cells are not rerun.
 Flags after `--` go to every cell's training command (e.g. `-- --tempnet-tau-max 3`).
-How it works: megatron_tempnet/study.py.
+How it works: megatron_tempnet/experiments/study/.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_tempnet.config import ConfigError  # noqa: E402
-from megatron_tempnet.study import (StudyConfig, default_rho, run_study,  # noqa: E402
-                                    shell_line, train_command)
+from megatron_tempnet.experiments.study import (StudyConfig, default_rho,  # noqa: E402
+                                                run_study, shell_line, train_command)
 from megatron_tempnet.tempnet.config import ARCHS, LOSS_MODES, TRAINING_MODES  # noqa: E402
 
 

@@ -69,6 +69,8 @@ class TempNetGPTModel(GPTModel):
     checkpoints hold it. "dro_exact" and "dro_fixed_tau" have no parameter beyond the LM's.
     """
 
+    loss_channels = LOSS_CHANNELS  # what forward returns with labels: [b, s, len(...)]
+
     def __init__(self, *args, tempnet_config: TempNetConfig, tempnet_seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.tempnet_config = tempnet_config.validate()
@@ -160,6 +162,13 @@ def apply_training_mode(model: torch.nn.Module, tempnet_cfg: TempNetConfig) -> t
     for param in model.parameters():
         param.requires_grad_(not frozen or getattr(param, TEMPNET_PARAM_ATTR, False))
     return model
+
+
+def loss_channels(tempnet_cfg: TempNetConfig) -> tuple[str, ...]:
+    """The named per-token channels of the model :func:`build_tempnet_model` builds for
+    ``tempnet_cfg`` (training/reports.py ReportSpec): () for "ce" (the plain GPTModel returns the
+    CE [b, s]), else :attr:`TempNetGPTModel.loss_channels`."""
+    return () if tempnet_cfg.loss_mode == "ce" else TempNetGPTModel.loss_channels
 
 
 def build_tempnet_model(model_cfg: ModelConfig, tempnet_cfg: TempNetConfig,

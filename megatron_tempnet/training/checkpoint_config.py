@@ -31,6 +31,8 @@ class CheckpointConfig:
                     checkpoint's: this run's values (Adam moments kept), or the checkpoint's;
                     with neither, the difference is an error naming both.
     no_checkpoint_checksums: neither record checksums at save nor verify them at load.
+    no_save_lock:   do not lock --save (for a filesystem without POSIX record locks, which the
+                    lock names when it fails); nothing then stops a second run writing there.
     """
 
     save: str | None = None
@@ -47,6 +49,7 @@ class CheckpointConfig:
     override_opt_param_scheduler: bool = False
     use_checkpoint_opt_param_scheduler: bool = False
     no_checkpoint_checksums: bool = False
+    no_save_lock: bool = False
 
     def validate(self) -> "CheckpointConfig":
         for name in ("save_interval", "keep_last"):

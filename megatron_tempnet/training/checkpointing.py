@@ -150,6 +150,14 @@ class LoadPlan:
     load_rng: bool  # the RNG states (same parallel layout only)
 
 
+# The trainer's own state in a checkpoint (training/loop.py TrainLoop.state_dict)
+TRAIN_STATE_KEYS = ("iteration", "consumed_samples")
+
+
+def fresh_train_state() -> dict:
+    return dict.fromkeys(TRAIN_STATE_KEYS, 0)
+
+
 class Checkpointer:
     """Saves and loads the whole training state of this rank's model chunks (megatron-core
     ``dist_checkpointing``). The protocol (:meth:`due`, :meth:`save`, :meth:`plan_load`,
@@ -174,14 +182,17 @@ class Checkpointer:
         interval = self.cfg.save_interval
         return stopping or (interval is not None and iteration % interval == 0)
 
-    def save(self, iteration: int, consumed_samples: int) -> Path:
-        """1. every rank checks that an existing directory of this iteration is this lineage's
+    def save(self, train_state: dict) -> Path:
+        """Save the whole training state with ``train_state`` (the trainer's own
+        ``state_dict()``: iteration, consumed_samples): 1. every rank checks that an existing
+        directory of this iteration is this lineage's
         (save_dir.py); rank 0 clears it and records the writer; 2. every rank writes its part
         (:meth:`write`; the RNG states untouched by the save); 3. the ranks hash the files into
         the checkpoint's checksums.json (integrity.py); 4. rank 0 points the marker at it, then
         5. deletes this lineage's checkpoints beyond keep_last. A full disk ends as one line
         naming it; the marker still names the previous checkpoint."""
         root, rank0 = Path(self.cfg.save), self.ctx.rank == 0
+        iteration = train_state["iteration"]
         path = iteration_dir(root, iteration)
         if read_latest(root) == iteration:  # every rank raises: nobody waits at a barrier
             raise ConfigError(f"--save {root}: {path} is the current checkpoint; refusing to "
@@ -198,7 +209,7 @@ class Checkpointer:
                 save_dir.write_writer(path, self.lineage, iteration)
             _barrier()
             rng = get_rng_state()
-            self.write(path, iteration, consumed_samples, rng)
+            self.write(path, train_state, rng)
             set_rng_state(rng)  # saving must not move any generator: resume stays bitwise exact
             _barrier()
             if not self.cfg.no_checkpoint_checksums:
@@ -217,20 +228,21 @@ class Checkpointer:
             self.log(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
         return path
 
-    def common_state(self, iteration: int, consumed_samples: int) -> dict:
-        """What every format stores beside the tensors (the run record: the shape check)."""
-        return {"iteration": iteration, "consumed_samples": consumed_samples,
+    def common_state(self, train_state: dict) -> dict:
+        """What every format stores beside the tensors: the trainer's state (iteration,
+        consumed_samples), the scheduler's, the run record (the shape check)."""
+        return {**{k: train_state[k] for k in TRAIN_STATE_KEYS},
                 "scheduler": self.scheduler.state_dict(),
                 "checkpoint_version": CHECKPOINT_VERSION, "config": self.record,
                 "lineage": self.lineage}
 
-    def write(self, path: Path, iteration: int, consumed_samples: int, rng: dict) -> None:
+    def write(self, path: Path, train_state: dict, rng: dict) -> None:
         """This rank's shards of the whole training state into ``path``."""
         state_dict = model_sharded_state_dict(self.chunks)
         state_dict.update(
             optimizer=optimizer_sharded_state_dict(self.optimizer, state_dict),
             rng_state=rng_sharded_object(self.ctx, rng),
-            **self.common_state(iteration, consumed_samples))
+            **self.common_state(train_state))
         save_sharded(state_dict, path)
 
     def plan_load(self, read_saved) -> LoadPlan | None:
@@ -335,7 +347,8 @@ class Checkpointer:
         if self.ctx.rank == 0:
             root = Path(cfg.save)
             try:
-                save_dir.acquire_lock(root)
+                if not cfg.no_save_lock:
+                    save_dir.acquire_lock(root)
                 result = ("ok", save_dir.claim(root, lineage, complete_iterations(root),
                                                resuming, cfg.load))
             except ConfigError as e:
@@ -357,10 +370,11 @@ class Checkpointer:
         return {"tp": self.ctx.tp_size, "pp": self.ctx.pp_size, "dp": self.ctx.dp_size}
 
     def finish_load(self, plan: LoadPlan, scheduler_state: dict | None, rng: dict | None,
-                    what: str) -> tuple[int, int]:
+                    what: str) -> dict:
         """After the format's own load: the scheduler (its state with the optimizer's; with
         --no-load-optim the lr schedule continues at the loaded iteration), the RNG states,
-        one log line; returns (iteration, consumed_samples), (0, 0) with --finetune."""
+        one log line; returns the trainer's saved state (iteration, consumed_samples; a fresh
+        start with --finetune)."""
         if plan.load_optim:
             self.scheduler.load_state_dict(scheduler_state)
             for group, values in zip(self.optimizer.param_groups, self._schedule_groups or []):
@@ -375,17 +389,17 @@ class Checkpointer:
             self.log(f"loaded {what} from {plan.path}"
                      + (f" at iteration {plan.saved['iteration']}" if plan.resume else ""))
         if not plan.resume:
-            return 0, 0
-        return plan.saved["iteration"], plan.saved["consumed_samples"]
+            return fresh_train_state()
+        return {k: plan.saved[k] for k in TRAIN_STATE_KEYS}
 
-    def load(self) -> tuple[int, int]:
-        """Restore from ``--load``; returns (iteration, consumed_samples), (0, 0) when nothing
-        was loaded or with --finetune."""
+    def load(self) -> dict:
+        """Restore from ``--load``; returns the trainer's saved state (iteration,
+        consumed_samples), a fresh start when nothing was loaded or with --finetune."""
         from megatron.core import dist_checkpointing
 
         plan = self.plan_load(lambda path: dist_checkpointing.load_common_state_dict(str(path)))
         if plan is None:
-            return 0, 0
+            return fresh_train_state()
         path = plan.path
         state_dict = model_sharded_state_dict(self.chunks)
         skipped = self._drop_absent_tempnet(state_dict, path) if self.cfg.finetune else []

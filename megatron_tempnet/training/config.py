@@ -21,8 +21,9 @@ class EvalConfig:
     refine_points:      log-spaced temperatures of pass 2 between the best coarse point's
                         neighbours (0: no second pass; the best T is a coarse grid point).
     ece_bins:           equal-width confidence bins of the ECE.
-    tau_histogram_bins: bins of the eval histogram of the model's own per-token tau over
-                        [tau_min, tau_max] (TempNet or exact tau only).
+    tau_histogram_bins: bins of the histograms of the model's own per-token tau over
+                        [tau_min, tau_max] (TempNet or exact tau only): evaluation's and the
+                        training log's (training/reports.py ReportSpec).
     """
 
     eval_interval: int = 0

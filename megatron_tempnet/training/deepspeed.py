@@ -46,9 +46,10 @@ import torch.distributed as dist
 
 from megatron_tempnet.config import ConfigError, TrainConfig
 from megatron_tempnet.parallel.runtime import ParallelContext
-from megatron_tempnet.training.checkpointing import Checkpointer, LoadPlan, model_weights_loaded
+from megatron_tempnet.training.checkpointing import (Checkpointer, LoadPlan, fresh_train_state,
+                                                     model_weights_loaded)
 from megatron_tempnet.training.optim import build_scheduler, torch_param_groups
-from megatron_tempnet.training.step import StepOutput, masked_sum_loss
+from megatron_tempnet.training.step import ReportSpec, StepOutput, masked_sum_loss
 
 ZERO_STAGES = (1, 2)
 AUTO = "auto"
@@ -258,7 +259,7 @@ def build_deepspeed_engine(model: torch.nn.Module, train: TrainConfig, ctx: Para
 
 
 def deepspeed_train_step(engine, scheduler, batches, num_microbatches: int,
-                         tau_range: tuple[float, float] | None = None):
+                         spec: ReportSpec | None = None):
     """One optimizer step (and lr step) over ``num_microbatches`` micro-batches of this DP rank.
 
     Same objective as the megatron-core path: sum of per-token losses over the global batch
@@ -272,8 +273,8 @@ def deepspeed_train_step(engine, scheduler, batches, num_microbatches: int,
     Returns a ``training.step.StepOutput`` like the megatron-core step: the per-micro-batch
     reports (reduce them with ``training.step.global_metrics``), the grad norm, whether the
     update happened (fp16 loss scaling may skip it; the lr schedule then waits, as on the
-    megatron-core path) and the LM's lr after the scheduler step. ``tau_range``: the tau
-    histogram's bins (``step.masked_sum_loss``).
+    megatron-core path) and the LM's lr after the scheduler step. ``spec``: the model's loss
+    channels and the tau histogram (``step.masked_sum_loss``).
     """
     gas = engine.gradient_accumulation_steps()
     if num_microbatches != gas:
@@ -294,7 +295,7 @@ def deepspeed_train_step(engine, scheduler, batches, num_microbatches: int,
         batch = {k: v.to(device) for k, v in batch.items()}
         output = engine(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                         loss_mask=batch["loss_mask"])
-        loss_sum, _, report = masked_sum_loss(batch["loss_mask"], output, tau_range=tau_range)
+        loss_sum, _, report = masked_sum_loss(batch["loss_mask"], output, spec=spec)
         engine.backward(loss_sum * scale, scale_wrt_gas=False)
         engine.step()  # updates at the accumulation boundary (the last micro-batch) only
         reports.append(report)
@@ -337,21 +338,22 @@ class DeepSpeedCheckpointer(Checkpointer):
         super().__init__(cfg, [engine.module], engine.optimizer, scheduler, ctx, record, log)
         self.engine = engine
 
-    def write(self, path: Path, iteration: int, consumed_samples: int, rng: dict) -> None:
+    def write(self, path: Path, train_state: dict, rng: dict) -> None:
         rngs = [rng]
         if self.ctx.dp_size > 1:
             rngs = [None] * self.ctx.dp_size
             dist.all_gather_object(rngs, rng, group=self.ctx.dp_group)
-        client_state = {**self.common_state(iteration, consumed_samples), "rng_state": rngs}
+        client_state = {**self.common_state(train_state), "rng_state": rngs}
         self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state=client_state,
                                     save_latest=False)
 
-    def load(self) -> tuple[int, int]:
-        """Restore from ``--load``; returns (iteration, consumed_samples), (0, 0) when nothing
-        was loaded or with --finetune (module weights only, TempNet may be absent)."""
+    def load(self) -> dict:
+        """Restore from ``--load``; returns the trainer's saved state (iteration,
+        consumed_samples), a fresh start when nothing was loaded or with --finetune (module
+        weights only, TempNet may be absent)."""
         plan = self.plan_load(read_client_state)
         if plan is None:
-            return 0, 0
+            return fresh_train_state()
         self._check_layout(plan)
         skipped = self._check_module_keys(plan) if not plan.resume else []
         load_path, client = self.engine.load_checkpoint(

@@ -51,6 +51,7 @@ from megatron_tempnet.tempnet.exact_tau import solve_tau
 from megatron_tempnet.tempnet.reference import compute_dtype
 from megatron_tempnet.training.config import EvalConfig
 from megatron_tempnet.training.metrics_log import tau_histogram, tau_histogram_edges
+from megatron_tempnet.training.reports import ReportSpec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,13 +129,15 @@ def tracks_exact_tau(tempnet_cfg) -> bool:
 class _StatLayout:
     """Offsets of the flat per-micro-batch sum vector. Columns j < num_scalar are the global
     temperatures ``temperatures``; column num_scalar (if ``token_tau``) is the model's own
-    per-token tau (TempNet's or the exact tau*); ``tau_star``: the moments carry tau* too."""
+    per-token tau (TempNet's or the exact tau*); ``tau_star``: the moments carry tau* too;
+    the tau histogram has ``hist_bins`` bins over ``hist_bounds``."""
 
     temperatures: tuple
     token_tau: bool
     ece_bins: int
     hist_bins: int
     tau_star: bool = False
+    hist_bounds: tuple = (0.0, 1.0)
 
     @property
     def num_cols(self) -> int:
@@ -155,7 +158,7 @@ class _StatLayout:
                 "tau_hist": vec[bins_end:hist_end], "tau_moments": vec[hist_end:]}
 
 
-def _micro_batch_sums(layout: _StatLayout, model, tp_group, tau_range, batch, logits):
+def _micro_batch_sums(layout: _StatLayout, model, tp_group, batch, logits):
     """loss_func: logits [b, s, v/tp] -> (0, token count, {"eval": flat sums})."""
     mask = batch["loss_mask"].reshape(-1).to(torch.float64)  # [t]
     target = batch["labels"].reshape(-1).to(logits.device)
@@ -180,7 +183,8 @@ def _micro_batch_sums(layout: _StatLayout, model, tp_group, tau_range, batch, lo
             else torch.zeros((), dtype=nll.dtype, device=nll.device)]
     parts = [torch.stack(head), nll_sum, bins]
     if tau is not None:
-        parts.append(tau_histogram(tau, mask, *tau_range, bins=layout.hist_bins).to(nll.dtype))
+        parts.append(tau_histogram(tau, mask, *layout.hist_bounds,
+                                   bins=layout.hist_bins).to(nll.dtype))
         star = torch.zeros_like(tau)
         if layout.tau_star:  # the DRO loss's exact per-token optimum on the same logits
             cfg = model.tempnet_config
@@ -216,9 +220,7 @@ def _run_pass(model_chunks, batches, layout, ctx, *, num_microbatches, seq_lengt
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     model = unwrap_model(model_chunks[-1])
-    cfg = getattr(model, "tempnet_config", None)
-    tau_range = (cfg.tau_min, cfg.tau_max) if cfg is not None else (0.0, 1.0)
-    loss_func = partial(_micro_batch_sums, layout, model, ctx.tp_group, tau_range)
+    loss_func = partial(_micro_batch_sums, layout, model, ctx.tp_group)
     seen: list = []
     with torch.no_grad():
         reports = get_forward_backward_func()(
@@ -243,7 +245,7 @@ def _refine_grid(coarse: list, nll: torch.Tensor, points: int) -> list:
 
 def evaluate(model_chunks: list, batches, num_batches: int, ctx, *, seq_length: int,
              micro_batch_size: int, num_microbatches: int,
-             config: EvalConfig | None = None) -> dict:
+             config: EvalConfig | None = None, spec: ReportSpec | None = None) -> dict:
     """Validation metrics over ``num_batches`` global batches of ``num_microbatches`` micro-batches
     each (``batches`` yields this DP rank's micro-batches, as in training).
 
@@ -256,10 +258,14 @@ def evaluate(model_chunks: list, batches, num_batches: int, ctx, *, seq_length: 
     for the exact tau* with "ppl exact tau", "ece exact tau"; with a fixed tau "fixed tau",
     "ppl fixed tau", "ece fixed tau"; and "temperature grid" ([[T, ppl, ece], ...], both
     passes, sorted by T). The model is run in eval mode and put back in its previous mode.
+    ``spec`` (training/reports.py; the run's, ``training.stage.report_spec``): the tau
+    histogram's bounds and bins (None: the model's TempNetConfig and ``config``'s bins).
     """
     config = (config or EvalConfig()).validate()
     model = unwrap_model(model_chunks[-1])
     tcfg = getattr(model, "tempnet_config", None)
+    spec = spec or ReportSpec.build(tcfg, getattr(model, "loss_channels", ()),
+                                    config.tau_histogram_bins)
     token_tau = own_tau_name(tcfg) is not None
     fixed = tcfg.fixed_tau if tcfg is not None and tcfg.loss_mode == "dro_fixed_tau" else None
     coarse = config.coarse_grid(() if fixed is None else (fixed,))
@@ -269,8 +275,8 @@ def evaluate(model_chunks: list, batches, num_batches: int, ctx, *, seq_length: 
     try:
         run = partial(_run_pass, model_chunks, ctx=ctx, num_microbatches=num_microbatches,
                       seq_length=seq_length, micro_batch_size=micro_batch_size)
-        layout = _StatLayout(tuple(coarse), token_tau, config.ece_bins,
-                             config.tau_histogram_bins, tracks_exact_tau(tcfg))
+        layout = _StatLayout(tuple(coarse), token_tau, config.ece_bins, spec.histogram_bins,
+                             tracks_exact_tau(tcfg), spec.tau_bounds or (0.0, 1.0))
         recorded = []
         first = None
         for _ in range(num_batches):
@@ -343,7 +349,7 @@ def _metrics(layout, first, fine_layout, second, fixed, tcfg, config) -> dict:
         out.update({f"ppl {name}": ppl(a["nll"][j]),
                     f"ece {name}": expected_calibration_error(a["bins"][j]),
                     "tau mean": float(a["tau_sum"]) / denom,
-                    "tau histogram": {"edges": tau_histogram_edges(tcfg.tau_min, tcfg.tau_max,
+                    "tau histogram": {"edges": tau_histogram_edges(*layout.hist_bounds,
                                                                    layout.hist_bins),
                                       "counts": a["tau_hist"].tolist()}})
         out.update(tau_agreement(float(a["tau_sum"]), *a["tau_moments"].tolist(), denom,
@@ -410,17 +416,17 @@ def format_eval_table(metrics: dict, title: str = "validation") -> str:
 
 
 class EvalCallback:
-    """Train-loop callback ``fn(state, step_output)`` (loop.train's ``callbacks``): evaluates
+    """Train-loop callback ``fn(state, step_output)`` (TrainLoop's ``callbacks``): evaluates
     every ``config.eval_interval`` iterations (0: never in between) and at the last iteration,
     prints the table (rank 0), passes the dict to ``logger.log_eval`` (a MetricsLogger, or None)
     and keeps ``(iteration, metrics)`` in ``self.results``. ``batches`` is the validation
     micro-batch iterator of this DP rank; it is not rewound between evaluations (Megatron-LM's
     behaviour: build it with ``data.datasets.num_samples(...)[1]`` validation samples)."""
 
-    def __init__(self, model_chunks: list, batches, ctx, config: EvalConfig, train_cfg, *,
-                 logger=None, log=print):
+    def __init__(self, model_chunks: list, batches, ctx, config: EvalConfig, train_cfg,
+                 spec: ReportSpec | None = None, *, logger=None, log=print):
         self.chunks, self.batches, self.ctx = model_chunks, batches, ctx
-        self.config, self.train_cfg = config.validate(), train_cfg
+        self.config, self.train_cfg, self.spec = config.validate(), train_cfg, spec
         self.logger, self.log = logger, log
         self.results: list = []
 
@@ -434,7 +440,7 @@ class EvalCallback:
         metrics = evaluate(self.chunks, self.batches, self.config.eval_iters, self.ctx,
                            seq_length=tc.seq_length, micro_batch_size=tc.micro_batch_size,
                            num_microbatches=tc.num_microbatches(self.ctx.dp_size),
-                           config=self.config)
+                           config=self.config, spec=self.spec)
         self.results.append((iteration, metrics))
         if self.ctx.rank == 0:
             self.log(format_eval_table(metrics, f"validation at iteration {iteration}"))

@@ -13,39 +13,46 @@ histogram's counts (every iteration's, on the device, reduced in the same all-re
 line's sums) and, in fp16, the loss scale and the updates the loss scaler skipped. A skipped
 update (fp16 gradient overflow: megatron-core's dynamic loss scaler backs off) is no divergence:
 the optimizer reports no grad norm, the loss is finite, and the lr schedule waits (as in
-Megatron-LM); a non-finite *loss* still stops the run (``checkpointing.RunControl``).
+Megatron-LM); a non-finite *loss* still stops the run (``run_control.RunControl``).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from megatron_tempnet.config import TrainConfig
 from megatron_tempnet.parallel.runtime import ParallelContext
 from megatron_tempnet.training.checkpointing import Checkpointer
-from megatron_tempnet.training.run_control import RunControl
 from megatron_tempnet.training.metrics_log import (Throughput, format_train_line,
                                                    tau_histogram_edges, train_metrics)
-from megatron_tempnet.training.step import (REPORT_COUNTS, TAU_HISTOGRAM, StepOutput,
-                                             global_metrics, reduce_reports, train_step)
+from megatron_tempnet.training.reports import LM_LOSS, REPORT_COUNTS, TAU_HISTOGRAM, ReportSpec
+from megatron_tempnet.training.run_control import RunControl
+from megatron_tempnet.training.step import StepOutput, global_metrics, reduce_reports
+
+# one iteration: (this DP rank's micro-batches, micro-batches per step) -> StepOutput
+# (training/step.py megatron_step, training/deepspeed.py deepspeed_train_step)
+Step = Callable[[Iterator, int], StepOutput]
 
 
 @dataclass
 class TrainState:
+    """What the loop keeps of its run. The data position is not here: the micro-batch iterator
+    owns it (``TrainLoop.state_dict`` reads it from there)."""
+
     iteration: int = 0
-    consumed_samples: int = 0
     history: list = field(default_factory=list)  # (iteration, lm loss) as logged
     metrics: list = field(default_factory=list)  # (iteration, {name: value}) as logged
-    exit_code: int = 0  # nonzero: stopped early (checkpointing.EXIT_CODE_*)
+    exit_code: int = 0  # nonzero: stopped early (run_control.EXIT_CODE_*)
     stop_reason: str | None = None
 
 
 @dataclass
 class LogWindow:
     """What the loop gathers from one log line to the next: wall-clock start, iterations,
-    updates skipped by the fp16 loss scaler, and this rank's sums of ``step.REPORT_COUNTS``
+    updates skipped by the fp16 loss scaler, and this rank's sums of ``REPORT_COUNTS``
     over every iteration (the tau histogram; tensors on the device: no host sync per step)."""
 
     start: float = field(default_factory=time.perf_counter)
@@ -62,81 +69,104 @@ class LogWindow:
                 self.sums[key] = self.sums[key] + value if key in self.sums else value
 
 
-def log_iteration(state: TrainState, out: StepOutput, train_cfg: TrainConfig,
-                  ctx: ParallelContext, window: LogWindow, log,
-                  tau_range: tuple[float, float] | None = None,
-                  throughput: Throughput | None = None) -> None:
-    """Reduce the metrics over data-parallel ranks (the window's tau histogram in the same
-    all-reduce; one host transfer), complete them into THE metrics record of this iteration
-    (``metrics_log.train_metrics``: lr, ppl, grad norm, throughput over the window, MFU,
-    memory, ETA), append it to ``state.metrics`` (the sinks write it as it is) and print it."""
-    elapsed, iters = time.perf_counter() - window.start, window.iterations
-    if not ctx.is_last_stage:
-        return
-    reduced = global_metrics(out.reports, ctx.dp_group, window.sums)
-    if out.loss_scale is not None:
-        reduced["loss scale"] = out.loss_scale.reshape(())
-    flat = torch.cat([v.detach().double().reshape(-1) for v in reduced.values()]).tolist()
-    metrics, at = {}, 0
-    for key, value in reduced.items():
-        part, at = flat[at:at + value.numel()], at + value.numel()
-        metrics[key] = part if key in REPORT_COUNTS else part[0]
-    counts = metrics.pop(TAU_HISTOGRAM, None)
-    if counts is not None and tau_range is not None:
-        metrics[TAU_HISTOGRAM] = {"edges": tau_histogram_edges(*tau_range, len(counts)),
-                                  "counts": counts}
-    if out.loss_scale is not None:
-        metrics["skipped iterations"] = window.skipped
-    throughput = throughput or Throughput()
-    record = train_metrics(metrics, lr=out.lr, grad_norm=out.grad_norm, elapsed_s=elapsed,
-                           iterations=iters,
-                           tokens_per_iteration=train_cfg.global_batch_size * train_cfg.seq_length,
-                           flops_per_token=throughput.flops_per_token,
-                           world_size=ctx.world_size, peak=throughput.peak, device=ctx.device,
-                           remaining_iterations=train_cfg.train_iters - state.iteration)
-    state.history.append((state.iteration, record["lm loss"]))
-    state.metrics.append((state.iteration, record))
-    if ctx.tp_rank == 0 and ctx.dp_rank == 0:
-        log(format_train_line(state.iteration, train_cfg.train_iters, record)
-            + ("" if out.update_ok else " | skipped (loss scale)"))
+@dataclass
+class TrainLoop:
+    """One run's training: the step, the data, the state and what runs around each iteration.
+    :meth:`train` is the loop; :meth:`state_dict` / :meth:`load_state_dict` are what a
+    checkpoint keeps of it (the iteration, and the data position that ``batches`` owns:
+    ``MicroBatchIterator.state_dict``), saved and restored through ``checkpointer``.
 
+    ``batches`` yields this DP rank's micro-batches; ``callbacks``: ``fn(state, StepOutput)``
+    after every iteration (evaluation, metrics sinks); ``spec``: the model's loss channels and
+    the tau histogram (training/reports.py); ``throughput``: model FLOPs per token and the
+    device peak for TFLOP/s and MFU."""
 
-def train(model_chunks: list, optimizer, scheduler, batches, train_cfg: TrainConfig,
-          ctx: ParallelContext, state: TrainState | None = None, log=print,
-          checkpointer: Checkpointer | None = None, control: RunControl | None = None,
-          callbacks=(), step=None, tau_range: tuple[float, float] | None = None,
-          throughput: Throughput | None = None) -> TrainState:
-    """Train until ``train_cfg.train_iters``; ``batches`` yields this DP rank's micro-batches
-    (positioned at ``state.consumed_samples``). ``callbacks``: ``fn(state, StepOutput)`` after
-    every iteration (evaluation, metrics sinks). ``step(batches, num_micro) -> StepOutput``
-    replaces the megatron-core step (the DeepSpeed engine's). ``tau_range``: TempNetConfig's
-    (tau_min, tau_max) for the tau histogram of the log lines (None, or a model without tau:
-    none). ``throughput``: model FLOPs per token and the device peak for TFLOP/s and MFU.
-    Raises ``TrainingDiverged``."""
-    state = state or TrainState()
-    step = step or (lambda batches, num_micro: train_step(
-        model_chunks, optimizer, scheduler, batches, train_cfg, num_micro, tau_range))
-    control = control or RunControl(device=ctx.device)
-    num_micro = train_cfg.num_microbatches(ctx.dp_size)
-    window = LogWindow()
-    with control:
-        while state.iteration < train_cfg.train_iters:
-            out = step(batches, num_micro)
-            state.iteration += 1
-            state.consumed_samples += train_cfg.global_batch_size
-            window.add(out)
-            stop = control.check(state.iteration, out.reports, out.grad_norm)
-            last = stop is not None or state.iteration == train_cfg.train_iters
-            if state.iteration % train_cfg.log_interval == 0 or last:
-                log_iteration(state, out, train_cfg, ctx, window, log, tau_range, throughput)
-                window = LogWindow()
-            for callback in callbacks:  # after logging: state.metrics holds this iteration's
-                callback(state, out)
-            if checkpointer is not None and checkpointer.due(state.iteration, stopping=last):
-                checkpointer.save(state.iteration, state.consumed_samples)
-            if stop is not None:
-                state.exit_code, state.stop_reason = stop.exit_code, stop.message
-                if ctx.rank == 0:
-                    log(stop.message)
-                break
-    return state
+    step: Step
+    batches: Iterator
+    train_cfg: TrainConfig
+    ctx: ParallelContext
+    state: TrainState = field(default_factory=TrainState)
+    checkpointer: Checkpointer | None = None
+    control: RunControl | None = None
+    callbacks: Sequence = ()
+    spec: ReportSpec = field(default_factory=ReportSpec)
+    throughput: Throughput = field(default_factory=Throughput)
+    log: Callable[[str], None] = print
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.state.iteration, **self.batches.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state.iteration = int(state["iteration"])
+        self.batches.load_state_dict(state)
+
+    def restore(self) -> None:
+        """The checkpointer's ``--load`` (model, optimizer, ...) and this loop's own state."""
+        if self.checkpointer is not None:
+            self.load_state_dict(self.checkpointer.load())
+
+    def train(self, callbacks: Sequence = ()) -> TrainState:
+        """Train until ``train_cfg.train_iters``. Raises ``TrainingDiverged``."""
+        state, cfg, ctx = self.state, self.train_cfg, self.ctx
+        control = self.control or RunControl(device=ctx.device, losses=self.spec.losses)
+        num_micro = cfg.num_microbatches(ctx.dp_size)
+        window = LogWindow()
+        with control:
+            while state.iteration < cfg.train_iters:
+                out = self.step(self.batches, num_micro)
+                state.iteration += 1
+                window.add(out)
+                stop = control.check(state.iteration, out.reports, out.grad_norm)
+                last = stop is not None or state.iteration == cfg.train_iters
+                if state.iteration % cfg.log_interval == 0 or last:
+                    self.log_iteration(out, window)
+                    window = LogWindow()
+                for callback in (*self.callbacks, *callbacks):  # after logging
+                    callback(state, out)
+                if self.checkpointer is not None and self.checkpointer.due(state.iteration,
+                                                                           stopping=last):
+                    self.checkpointer.save(self.state_dict())
+                if stop is not None:
+                    state.exit_code, state.stop_reason = stop.exit_code, stop.message
+                    if ctx.rank == 0:
+                        self.log(stop.message)
+                    break
+        return state
+
+    def log_iteration(self, out: StepOutput, window: LogWindow) -> None:
+        """Reduce the metrics over data-parallel ranks (the window's tau histogram in the same
+        all-reduce; one host transfer), complete them into THE metrics record of this
+        iteration (``metrics_log.train_metrics``: lr, ppl, grad norm, throughput over the
+        window, MFU, memory, ETA), append it to ``state.metrics`` (the sinks write it as it is)
+        and print it."""
+        state, cfg, ctx, spec = self.state, self.train_cfg, self.ctx, self.spec
+        elapsed, iters = time.perf_counter() - window.start, window.iterations
+        if not ctx.is_last_stage:
+            return
+        reduced = global_metrics(out.reports, ctx.dp_group, window.sums)
+        if out.loss_scale is not None:
+            reduced["loss scale"] = out.loss_scale.reshape(())
+        flat = torch.cat([v.detach().double().reshape(-1) for v in reduced.values()]).tolist()
+        metrics, at = {}, 0
+        for key, value in reduced.items():
+            part, at = flat[at:at + value.numel()], at + value.numel()
+            metrics[key] = part if key in REPORT_COUNTS else part[0]
+        counts = metrics.pop(TAU_HISTOGRAM, None)
+        if counts is not None and spec.tau_bounds is not None:
+            metrics[TAU_HISTOGRAM] = {"edges": tau_histogram_edges(*spec.tau_bounds,
+                                                                   len(counts)),
+                                      "counts": counts}
+        if out.loss_scale is not None:
+            metrics["skipped iterations"] = window.skipped
+        tp = self.throughput
+        record = train_metrics(metrics, lr=out.lr, grad_norm=out.grad_norm, elapsed_s=elapsed,
+                               iterations=iters,
+                               tokens_per_iteration=cfg.global_batch_size * cfg.seq_length,
+                               flops_per_token=tp.flops_per_token, world_size=ctx.world_size,
+                               peak=tp.peak, device=ctx.device,
+                               remaining_iterations=cfg.train_iters - state.iteration)
+        state.history.append((state.iteration, record[LM_LOSS]))
+        state.metrics.append((state.iteration, record))
+        if ctx.tp_rank == 0 and ctx.dp_rank == 0:
+            self.log(format_train_line(state.iteration, cfg.train_iters, record)
+                     + ("" if out.update_ok else " | skipped (loss scale)"))

@@ -10,7 +10,7 @@ dro loss, tempered ce, tau mean/min/max, grad norm, tokens/s, TFLOP/s/GPU, MFU, 
 (training/flops.py); in fp16 the loss scale and the skipped iterations of the log window; with a
 tau (every loss mode but "ce") the histogram ``train/tau`` of the per-token tau of every token
 the loss kept over the log window (every iteration since the previous log line, not only the
-logged one), in ``step.TAU_HISTOGRAM_BINS`` equal-width bins over TempNetConfig's [tau_min,
+logged one), in ``--tau-histogram-bins`` equal-width bins over TempNetConfig's [tau_min,
 tau_max] (values outside in the edge bins), from :func:`tau_histogram` in
 ``step.masked_sum_loss``. An evaluation (``log_eval``): ``valid/<key>`` for every scalar of
 ``training.evaluate.evaluate``'s dict, and the histogram of TempNet's per-token tau over the

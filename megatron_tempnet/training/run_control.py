@@ -13,12 +13,14 @@ import math
 import signal
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
 from megatron_tempnet.cli import EarlySignals
 from megatron_tempnet.training.checkpoint_config import CheckpointConfig
+from megatron_tempnet.training.reports import LM_LOSS
 
 EXIT_CODE_PREEMPTED = 3  # SIGTERM / SIGUSR1: checkpoint saved, requeue the job
 EXIT_CODE_TIME_LIMIT = 4  # --exit-duration-in-mins: checkpoint saved, requeue the job
@@ -56,15 +58,22 @@ class RunControl:
     COLLAPSE_TOLERANCE = 0.01  # "at ln V": within 1% of it, or above
 
     def __init__(self, cfg: CheckpointConfig | None = None, start_time: float | None = None,
-                 device="cpu", vocab_size: int | None = None):
+                 device="cpu", vocab_size: int | None = None,
+                 losses: Sequence[str] = (LM_LOSS,)):
         self.cfg = cfg or CheckpointConfig()
-        self.device, self.vocab_size = device, vocab_size
+        self.bind(device, vocab_size, losses)
         self.start_time = time.time() if start_time is None else start_time
         self.signal_received: int | None = None
         self._old_handlers: dict = {}
         self._depth = 0
         self._mean_loss, self._seen = None, 0
         self._best_loss, self._uniform_since = math.inf, None
+
+    def bind(self, device, vocab_size: int | None, losses: Sequence[str]) -> None:
+        """What the checks need of the run once it is built: the device of the all-reduce, the
+        vocabulary (the collapse check's ln V), the reported losses whose finiteness is checked
+        (training/reports.py ``ReportSpec.losses``; the first one is the plain CE)."""
+        self.device, self.vocab_size, self.losses = device, vocab_size, tuple(losses)
 
     def __enter__(self) -> "RunControl":
         """Install the handlers (re-entrant: train.py enters before start-up, the loop again)."""
@@ -105,10 +114,10 @@ class RunControl:
 
     def check(self, iteration: int, reports: list, grad_norm) -> Stop | None:
         """After an iteration's optimizer step: agree with every rank on what happens next."""
-        losses = [r[k][0] for r in reports for k in ("lm loss", "dro loss") if k in r]
+        losses = [r[k][0] for r in reports for k in self.losses if k in r]
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         bad = (~torch.isfinite(torch.stack(losses))).any().double() if losses else zero
-        ce = torch.stack([r["lm loss"] for r in reports]).double().sum(0) if reports else None
+        ce = torch.stack([r[LM_LOSS] for r in reports]).double().sum(0) if reports else None
         bad_norm = grad_norm is not None and not math.isfinite(grad_norm)
         minutes = (time.time() - self.start_time) / 60
         over_time = (self.cfg.exit_duration_in_mins is not None

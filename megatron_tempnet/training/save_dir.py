@@ -74,8 +74,13 @@ def acquire_lock(root: Path) -> None:
     try:  # a POSIX record lock: per process (forked data workers do not inherit it), and
         fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # NFS locks it across hosts
     except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EAGAIN):
-            raise
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # ENOLCK, EOPNOTSUPP, ...: no locks
+            f.close()
+            raise ConfigError(f"--save {root}: cannot lock {root / LOCK_FILE} "
+                              f"({e.strerror or e}): its filesystem has no POSIX record locks; "
+                              "save to one that has (Lustre: mount with flock), or add "
+                              "--no-save-lock (then nothing stops a second run writing "
+                              "there)") from None
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
@@ -137,6 +142,12 @@ def claim(root: Path, lineage: str | None, complete: list[int], resuming: bool,
     if owner != lineage:
         write_json_atomic(root / LINEAGE_FILE, {"lineage": lineage, **_who()})
     return lineage
+
+
+def continues(root: Path, load: str | None) -> bool:
+    """Whether a run with ``--save root --load load`` is root's own run before any check: root
+    holds no checkpoint directory yet, or ``load`` lies inside it (the requeue pattern)."""
+    return not any(root.glob("iter_*")) or _inside(load, root)
 
 
 def _inside(load: str | None, root: Path) -> bool:

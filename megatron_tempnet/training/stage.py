@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from megatron_tempnet.arguments import RunConfig, resolve
 from megatron_tempnet.data.tokenizers import load_tokenizer
-from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
+from megatron_tempnet.models.tempnet_gpt import build_tempnet_model, loss_channels
 from megatron_tempnet.parallel import ParallelContext, initialize
 from megatron_tempnet.parallel.runtime import detect_launch_env
 from megatron_tempnet.training.optim import precision_dtype
+from megatron_tempnet.training.reports import ReportSpec
 
 
 def start(run: RunConfig):
@@ -29,3 +30,9 @@ def build_stage(run: RunConfig, ctx: ParallelContext):
     return build_tempnet_model(run.model, run.tempnet, ctx,
                                params_dtype=precision_dtype(run.train.precision),
                                seed=run.train.seed)
+
+
+def report_spec(run: RunConfig) -> ReportSpec:
+    """The run's report spec: the loss channels of its model, the tau histogram over
+    TempNetConfig's tau bounds in ``--tau-histogram-bins`` bins (training and evaluation)."""
+    return ReportSpec.build(run.tempnet, loss_channels(run.tempnet), run.eval.tau_histogram_bins)

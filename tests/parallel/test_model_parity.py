@@ -38,8 +38,7 @@ def reference_case(single_process, preset, seed):
     return case, loss.detach(), grads, cfg
 
 
-def test_tp_pp_dp_match_single_process(single_process, tmp_path):
-    seed = int(torch.randint(0, 2**31, ()).item())
+def test_tp_pp_dp_match_single_process(single_process, tmp_path, seed):
     cases, refs = {}, {}
     for preset in ("tiny-llama", "tiny-gpt"):
         case, loss, grads, cfg = reference_case(single_process, preset, seed)

@@ -22,9 +22,9 @@ import torch
 
 from megatron_tempnet.config import load_model_preset
 from megatron_tempnet.models.sharding import assemble_full, model_tensors, tp_split_dim
-from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
+from megatron_tempnet.models.tempnet_gpt import build_tempnet_model, loss_channels
 from megatron_tempnet.tempnet import TempNetConfig
-from megatron_tempnet.training.step import global_metrics, masked_sum_loss
+from megatron_tempnet.training.step import ReportSpec, global_metrics, masked_sum_loss
 from torchrun import run_torchrun
 
 pytestmark = pytest.mark.parallel
@@ -78,7 +78,8 @@ def reference_case(single_process, preset, loss_mode, dropout, seed, arch="paper
             logp = torch.log_softmax(logits / 0.7, dim=-1)
             tcfg.rho = float((logp.exp() * logp).sum(-1).median()) + math.log(logits.shape[-1])
     out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    total, count, reports = masked_sum_loss(batch["loss_mask"], out)
+    total, count, reports = masked_sum_loss(batch["loss_mask"], out,
+                                            ReportSpec(loss_channels(tcfg)))
     (total / count).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     case = {"cfg": dataclasses.asdict(cfg), "tempnet": dataclasses.asdict(tcfg),
@@ -86,8 +87,7 @@ def reference_case(single_process, preset, loss_mode, dropout, seed, arch="paper
     return case, global_metrics([reports], None), grads, cfg
 
 
-def test_tempnet_model_tp_pp_dp_match_single_process(single_process, tmp_path):
-    seed = int(torch.randint(0, 2**31 - 2, ()).item())
+def test_tempnet_model_tp_pp_dp_match_single_process(single_process, tmp_path, seed):
     cases, refs = {}, {}
     for name, (preset, mode, dropout, layout) in LAYOUTS.items():
         case, metrics, grads, cfg = reference_case(single_process, preset, mode, dropout, seed,

@@ -33,7 +33,7 @@ OWN_FLAGS = {"--tempnet-rho", "--tempnet-tau-min", "--tempnet-tau-max", "--tempn
              "--tempnet-training-mode", "--dro-loss-impl", "--model-family",
              "--attention-backend", "--tie-embeddings", "--precision", "--keep-last",
              "--loss-spike-factor", "--collapse-patience", "--no-checkpoint-checksums",
-             "--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler",
+             "--no-save-lock",             "--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler",
              "--metrics-jsonl", "--peak-tflops", "--temperature-min", "--temperature-max",
              "--temperature-points", "--refine-points", "--ece-bins", "--tau-histogram-bins"}
 

@@ -1,4 +1,5 @@
-"""tools/estimate.py (megatron_tempnet/estimate.py) against hand counts and real built models.
+"""tools/estimate.py (megatron_tempnet/experiments/estimate.py) against hand counts and real
+built models.
 
 Validated here: parameter counts exactly (tiny LLaMA and GPT, with and without TempNet, tied and
 untied, against sum(p.numel()) of the model build_tempnet_model builds); weights, gradient
@@ -18,9 +19,9 @@ import torch
 
 from megatron_tempnet.arguments import parse_args
 from megatron_tempnet.config import TrainConfig, load_model_preset
-from megatron_tempnet.estimate import (Layout, count_parameters, estimate_memory,
-                                       layer_activation_bytes, layout_from_run,
-                                       state_bytes_per_param)
+from megatron_tempnet.experiments.estimate import (Layout, count_parameters, estimate_memory,
+                                                   layer_activation_bytes, layout_from_run,
+                                                   state_bytes_per_param)
 from megatron_tempnet.tempnet.config import TempNetConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,7 +143,7 @@ def test_layer_activations_match_saved_tensors(single_process, preset):
     (flash-like attention, no s x s tensor) is a lower bound, and the implementation keeps
     at most ACTIVATION_MARGIN times it (RoPE'd Q/K copies keep the fused QKV output alive,
     unfused SwiGLU and the [s, b, h] reshapes keep extra copies, RoPE's cos/sin)."""
-    from megatron_tempnet.estimate import ACTIVATION_MARGIN
+    from megatron_tempnet.experiments.estimate import ACTIVATION_MARGIN
     from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
 
     cfg = load_model_preset(preset, vocab_size=500)

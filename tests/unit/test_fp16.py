@@ -17,13 +17,13 @@ import math
 import torch
 
 from megatron_tempnet.config import TrainConfig, load_model_preset
-from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
+from megatron_tempnet.models.tempnet_gpt import build_tempnet_model, loss_channels
 from megatron_tempnet.tempnet import TempNetConfig
 from megatron_tempnet.training.ddp import wrap_ddp
-from megatron_tempnet.training.loop import train
+from megatron_tempnet.training.reports import ReportSpec
 from megatron_tempnet.training.step import train_step
 from megatron_tempnet.training.optim import build_optimizer, build_scheduler, precision_dtype
-from test_tempnet_model_training import VOCAB, noisy_cycle_batches
+from test_tempnet_model_training import VOCAB, noisy_cycle_batches, train
 
 
 def setup(ctx, tcfg, tr):
@@ -55,7 +55,8 @@ def test_fp16_first_update_matches_fp32(single_process):
         assert chunks[0].config.fp16 == (precision == "fp16")
         start, steps = weights(model), []
         while not (steps and steps[-1].update_ok):  # fp16: skipped until the scale fits
-            steps.append(train_step(chunks, optimizer, scheduler, itertools.repeat(batch), tr, 1))
+            steps.append(train_step(chunks, optimizer, scheduler, itertools.repeat(batch), tr, 1,
+                                    ReportSpec(loss_channels(tcfg))))
             assert len(steps) <= 20, [(s.update_ok, s.loss_scale) for s in steps]
             if not steps[-1].update_ok:
                 assert steps[-1].grad_norm is None and same(weights(model), start)
@@ -102,8 +103,8 @@ def test_fp16_trains_and_skips_overflows_without_stopping(single_process):
 
     try:
         state = train(chunks, optimizer, scheduler, noisy_cycle_batches(4, 32, seed=1), tr,
-                      single_process, log=lines.append, callbacks=[record],
-                      tau_range=(tcfg.tau_min, tcfg.tau_max))
+                      single_process, tcfg, histogram=True, log=lines.append,
+                      callbacks=[record])
     finally:
         hook.remove()
     assert state.exit_code == 0 and state.iteration == 30 and len(state.metrics) == 30

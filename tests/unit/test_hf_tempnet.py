@@ -28,8 +28,7 @@ def our_model(single_process, preset, loss_mode, seed, arch="paper"):
 
 @pytest.mark.parametrize("preset,arch", [("tiny-llama", "paper"), ("tiny-gpt", "paper"),
                                          ("tiny-llama", "scale_aware")])
-def test_exported_tempnet_model_matches_ours(single_process, tmp_path, preset, arch):
-    seed = int(torch.randint(0, 2**31, ()).item())
+def test_exported_tempnet_model_matches_ours(single_process, tmp_path, preset, arch, seed):
     model, cfg, tcfg = our_model(single_process, preset, "tempnet_dro", seed, arch)
     export_hf(str(tmp_path), model_tensors(model), cfg, tcfg)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()

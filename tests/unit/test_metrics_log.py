@@ -14,8 +14,12 @@ from megatron_tempnet.training.config import LoggingConfig
 from megatron_tempnet.training.metrics_log import (MetricsCallback, MetricsLogger, format_duration,
                                                    format_train_line, is_writer_rank,
                                                    tau_histogram, train_metrics)
-from megatron_tempnet.training.step import (TAU_HISTOGRAM, TAU_HISTOGRAM_BINS, global_metrics,
+from megatron_tempnet.training.step import (TAU_HISTOGRAM, ReportSpec, global_metrics,
                                             masked_sum_loss)
+
+CHANNELS = ("loss", "ce", "tempered_ce", "tau")
+WITH_RANGE = ReportSpec(CHANNELS, (0.5, 4.5))
+TAU_HISTOGRAM_BINS = WITH_RANGE.histogram_bins
 
 
 def ctx_at(pp_rank=0, pp_size=1, tp_rank=0, dp_rank=0):
@@ -141,7 +145,7 @@ def test_masked_sum_loss_tau_histogram_report():
     output = torch.cat([torch.rand(2, 8, 3, generator=gen), tau.unsqueeze(-1)], -1)
     mask = torch.ones(2, 8)
     mask[1, :3] = 0.0  # 13 kept tokens
-    loss, count, reports = masked_sum_loss(mask, output, tau_range=(0.5, 4.5))
+    loss, count, reports = masked_sum_loss(mask, output, WITH_RANGE)
     counts = reports[TAU_HISTOGRAM]
     assert counts.shape == (TAU_HISTOGRAM_BINS,) and counts.dtype == torch.float64
     assert counts.sum() == count == 13
@@ -149,10 +153,10 @@ def test_masked_sum_loss_tau_histogram_report():
     expected = torch.histc(kept.clamp(0.5, 4.5 - 1e-6).double(), TAU_HISTOGRAM_BINS, 0.5, 4.5)
     assert torch.equal(counts, expected)
     assert counts[0] >= 1 and counts[-1] >= 2  # 0.1 in the first bin; 9.0 and 4.5 in the last
-    assert TAU_HISTOGRAM not in masked_sum_loss(mask, output)[2]  # no range: none
-    assert TAU_HISTOGRAM not in masked_sum_loss(mask, output[..., 0], tau_range=(0.5, 4.5))[2]
+    assert TAU_HISTOGRAM not in masked_sum_loss(mask, output, ReportSpec(CHANNELS))[2]  # no range
+    assert TAU_HISTOGRAM not in masked_sum_loss(mask, output[..., 0])[2]  # plain CE: no tau
 
-    _, _, second = masked_sum_loss(torch.ones(2, 8), output, tau_range=(0.5, 4.5))
+    _, _, second = masked_sum_loss(torch.ones(2, 8), output, WITH_RANGE)
     metrics = global_metrics([reports, second], None)
     assert metrics[TAU_HISTOGRAM].sum() == 13 + 16 and torch.equal(
         metrics[TAU_HISTOGRAM], counts + second[TAU_HISTOGRAM])
@@ -197,3 +201,23 @@ def test_eta_in_the_record_and_the_line():
     assert m["eta s"] == 0.5 * 7500 and "TFLOP/s/GPU" not in m  # no FLOPs per token given
     assert "ETA 01:02:30" in format_train_line(2500, 10000, m)
     assert format_duration(59) == "00:59" and format_duration(90061) == "1d 01:01:01"
+
+
+def test_report_spec_names_the_channels():
+    """The reports come from the spec's channel names, not from positions: a model whose
+    channels come in another order is reported right; a count mismatch is an error."""
+    gen = torch.Generator().manual_seed(1)
+    output = torch.rand(2, 8, 4, generator=gen)
+    mask = torch.ones(2, 8)
+    _, _, reports = masked_sum_loss(mask, output, ReportSpec(CHANNELS))
+    _, _, swapped = masked_sum_loss(mask, output.flip(-1), ReportSpec(CHANNELS[::-1]))
+    assert reports.keys() == swapped.keys()
+    for key in reports:
+        assert torch.equal(reports[key], swapped[key]), key
+    assert reports["lm loss"][0] == pytest.approx(float(output[..., 1].sum()), rel=1e-6)
+    with pytest.raises(ValueError, match="4 per-token channels"):
+        masked_sum_loss(mask, output, ReportSpec(CHANNELS[:3]))
+    assert ReportSpec(CHANNELS).losses == ("lm loss", "dro loss", "tempered ce")
+    assert ReportSpec().losses == ("lm loss",)
+    with pytest.raises(ValueError, match="no report name"):
+        ReportSpec(("loss", "entropy"))

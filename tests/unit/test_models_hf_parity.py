@@ -29,9 +29,8 @@ def random_hf_model(family, cfg, seed):
 
 
 @pytest.mark.parametrize("preset,vocab", [("tiny-llama", 250), ("tiny-gpt", 250)])
-def test_logits_match_huggingface(single_process, preset, vocab):
+def test_logits_match_huggingface(single_process, preset, vocab, seed):
     cfg = load_model_preset(preset, vocab_size=vocab)
-    seed = int(torch.randint(0, 2**31, ()).item())
     hf_model = random_hf_model(cfg.family, cfg, seed)
     conv = family_module(cfg.family)
     full = conv.from_hf(hf_model.state_dict(), cfg)

@@ -84,6 +84,12 @@ def test_bad_input_is_one_line_and_changes_nothing(scenarios, case, words):
     one_error(scenarios[case], *words)
 
 
+@pytest.mark.parametrize("case", ["second_fresh_run", "resume_into_other_runs_dir"])
+def test_a_run_refused_from_another_runs_directory_keeps_its_exit_record(scenarios, case):
+    """exit_status.json belongs to the directory's own run: a refused stranger leaves it."""
+    assert scenarios[case]["status_kept"]
+
+
 def test_corrupt_file_is_named_and_export_writes_nothing(scenarios):
     assert scenarios["zeroed_shard_file"] in scenarios["zeroed_shard_train"]["errors"][0]
     assert scenarios["zeroed_shard_export"]["output_absent"]
@@ -107,6 +113,13 @@ def test_schedule_override_and_batch_size_notice(scenarios):
     r = scenarios["batch_size_changed_on_resume"]
     assert r["code"] == 0, r
     assert "note: --global-batch-size 8 (the checkpoint used 4)" in r["out"]
+
+
+def test_no_checkpoint_checksums_writes_and_verifies_none(scenarios):
+    r = scenarios["no_checksums"]
+    assert r["code"] == 0 and r["manifests"] == [], r
+    resumed = scenarios["no_checksums_resume"]
+    assert resumed["code"] == 0 and "corrupt" not in resumed["out"] + resumed["err"], resumed
 
 
 def test_time_limit_exit_code_is_written(scenarios):
@@ -203,3 +216,19 @@ def test_torchrun_bad_input_prints_once_and_records_the_code(tiny_corpus, tmp_pa
     status = json.loads((save / "exit_status.json").read_text())
     assert (status["exit_code"], status["reason"]) == (2, "bad input")
     assert "--seq-length: checkpoint 32, this run 16" in status["message"]
+
+
+def test_a_filesystem_without_locks_is_one_line(tmp_path, monkeypatch):
+    """lockf failing with ENOLCK (an NFS / Lustre mount without locks) names the filesystem
+    and --no-save-lock, instead of a traceback."""
+    import errno
+
+    from megatron_tempnet.config import ConfigError
+    from megatron_tempnet.training import save_dir
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(save_dir.fcntl, "lockf", no_locks)
+    with pytest.raises(ConfigError, match="no POSIX record locks.*--no-save-lock"):
+        save_dir.acquire_lock(tmp_path / "S")

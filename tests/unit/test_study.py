@@ -1,6 +1,6 @@
-"""tools/study.py and megatron_tempnet/study.py: the grid rules (no training), then tiny real
-studies on the demo corpus (fixture ``tiny_corpus``): every column and plot, resume without
-rerunning finished cells, a deleted cell rerun, a crashing cell recorded, the test-split
+"""tools/study.py and megatron_tempnet/experiments/study/: the grid rules (no training), then
+tiny real studies on the demo corpus (fixture ``tiny_corpus``): every column and plot, resume
+without rerunning finished cells, a deleted cell rerun, a crashing cell recorded, the test-split
 evaluation."""
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_tempnet.study import (COLUMNS, RESULT_FILE, StudyConfig, cell_dir, eval_command,
-                                    fingerprint, mode_uses_rho, train_command)
+from megatron_tempnet.experiments.study import (COLUMNS, RESULT_FILE, StudyConfig, cell_dir,
+                                                eval_command, fingerprint, mode_uses_rho,
+                                                train_command)
 from megatron_tempnet.tempnet.config import LOSS_MODES, TRAINING_MODES, TempNetConfig
 from torchrun import REPO
 

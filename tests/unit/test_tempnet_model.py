@@ -17,7 +17,7 @@ from megatron_tempnet.models.tempnet_gpt import (LOSS_CHANNELS, TempNetGPTModel,
                                                  build_tempnet_model)
 from megatron_tempnet.tempnet import TempNetConfig, dro_loss_reference, tempnet_reference
 from megatron_tempnet.tempnet.config import TEMPNET_LOSS_MODES
-from megatron_tempnet.training.step import global_metrics, masked_sum_loss
+from megatron_tempnet.training.step import ReportSpec, global_metrics, masked_sum_loss
 
 RTOL, ATOL = 1e-5, 1e-6  # fp32
 
@@ -41,7 +41,8 @@ def make_batch(vocab, b=3, s=12, seed=1):
 def loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
     out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    total, count, reports = masked_sum_loss(batch["loss_mask"], out)
+    total, count, reports = masked_sum_loss(batch["loss_mask"], out,
+                                            ReportSpec(getattr(model, "loss_channels", ())))
     (total / count).backward()
     return out.detach(), reports, {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -258,7 +259,7 @@ def test_dro_loss_impls_give_the_reference_model(single_process, loss_mode, impl
         projections = []  # megatron's output layer: not called at all by fused_linear
         model.output_layer.register_forward_hook(lambda *_: projections.append(1))
         batch = make_batch(200)
-        out, loss_func = forward_step(iter([batch]), model)
+        out, loss_func = forward_step(iter([batch]), model, spec=ReportSpec(LOSS_CHANNELS))
         total, count, _ = loss_func(out)
         (total / count).backward()
         return out.detach(), {n: p.grad for n, p in model.named_parameters()}, len(projections)

@@ -15,14 +15,26 @@ import pytest
 import torch
 
 from megatron_tempnet.config import TrainConfig, load_model_preset
-from megatron_tempnet.models.tempnet_gpt import TEMPNET_PARAM_ATTR, build_tempnet_model
+from megatron_tempnet.models.tempnet_gpt import (TEMPNET_PARAM_ATTR, build_tempnet_model,
+                                                 loss_channels)
 from megatron_tempnet.tempnet import TempNetConfig
 from megatron_tempnet.training.ddp import wrap_ddp
-from megatron_tempnet.training.loop import train
+from megatron_tempnet.training.loop import TrainLoop
 from megatron_tempnet.training.config import LoggingConfig
 from megatron_tempnet.training.metrics_log import MetricsCallback, MetricsLogger, Throughput
 from megatron_tempnet.training.optim import build_optimizer, build_scheduler
-from megatron_tempnet.training.step import TAU_HISTOGRAM_BINS
+from megatron_tempnet.training.reports import ReportSpec
+from megatron_tempnet.training.step import megatron_step
+
+TAU_HISTOGRAM_BINS = ReportSpec().histogram_bins
+
+
+def train(chunks, optimizer, scheduler, batches, tr, ctx, tcfg, histogram=False, **kw):
+    """The train loop over the megatron-core step of a model built for ``tcfg`` (with the tau
+    histogram over its bounds when ``histogram``)."""
+    spec = ReportSpec(loss_channels(tcfg), tcfg.tau_range if histogram else None)
+    return TrainLoop(megatron_step(chunks, optimizer, scheduler, tr, spec), batches, tr, ctx,
+                     spec=spec, **kw).train()
 
 VOCAB = 256
 
@@ -69,7 +81,7 @@ def test_frozen_lm_trains_tempnet_only(single_process, distributed):
     assert lm and not any(p.requires_grad or hasattr(p, "main_grad") for p in lm)
 
     state = train(chunks, optimizer, scheduler, noisy_cycle_batches(4, 16), tr, single_process,
-                  log=lambda line: None)
+                  tcfg, log=lambda line: None)
     assert len(state.metrics) == 3 and all(math.isfinite(v) for _, m in state.metrics
                                            for v in m.values())
     for name, p in model.named_parameters():  # bit-identical LM, every TempNet tensor moved
@@ -129,7 +141,7 @@ def test_tiny_llama_with_tempnet_learns(single_process):
     _, chunks, optimizer, scheduler = setup(single_process, tcfg, tr)
     lines = []
     state = train(chunks, optimizer, scheduler, noisy_cycle_batches(8, 32, seed=1), tr,
-                  single_process, log=lines.append)
+                  single_process, tcfg, log=lines.append)
     metrics = [m for _, m in state.metrics]
     assert len(metrics) == 6 and "tau" in lines[-1] and "dro loss" in lines[-1]
     assert all(math.isfinite(v) for m in metrics for v in m.values())
@@ -162,8 +174,8 @@ def test_training_tau_histogram_covers_the_log_window(single_process, tmp_path):
     with MetricsLogger(logging, single_process) as logger:
         sink = MetricsCallback(logger)
         state = train(chunks, optimizer, scheduler, masked(noisy_cycle_batches(2, 16)), tr,
-                      single_process, log=lambda line: None, callbacks=[sink],
-                      tau_range=(tcfg.tau_min, tcfg.tau_max),
+                      single_process, tcfg, histogram=True, log=lambda line: None,
+                      callbacks=[sink],
                       throughput=Throughput(flops_per_token=1e6))
     per_iter = [a + b for a, b in zip(kept[::2], kept[1::2])]
     windows = {3: sum(per_iter[:3]), 6: sum(per_iter[3:6]), 7: per_iter[6]}
@@ -219,7 +231,7 @@ def test_frozen_lm_scale_aware_starts_at_the_best_global_temperature(single_proc
                                    atol=0)
     model.train()
     start = float(model.tempnet.b_out)
-    train(chunks, optimizer, scheduler, noisy_cycle_batches(4, 16), tr, single_process,
+    train(chunks, optimizer, scheduler, noisy_cycle_batches(4, 16), tr, single_process, tcfg,
           log=lambda _: None)
     assert float(model.tempnet.b_out) != start and abs(float(model.tempnet.b_out) - start) < 0.01
     # a head that is not at its init (resumed, loaded) and an explicit tau0 are left alone

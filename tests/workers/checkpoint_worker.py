@@ -1,18 +1,29 @@
 """torchrun worker (2 processes): checkpointing end to end through the real entry point.
 
-One launch, several runs in this process (``train.build`` re-initializes the process groups):
-  A     TP=2, 6 iterations, --save-interval 3 --keep-last 1                 (reference)
-  B1    same flags, SIGTERM to rank 0 only after iteration 2 -> stops at 3, saves, exit code 3
-  B2    --load: iterations 4..6                       (A == B1 + B2 bitwise: losses, weights)
-  C     --load B at 6, NaN loss from iteration 7: TrainingDiverged, checkpoint 6 untouched
-  D     --load B at 6, the save of iteration 7 crashes after writing part of its directory
-  E     --load B: resumes from 6 (latest still 6), saves 7 over the unfinished directory
-  F     --load B with --num-layers 2: a clear shape error before any tensor is read
-  N     --load B (at 7) --no-load-optim: iteration 7, scheduler at step 7, no optimizer state
-  G     TP=1 (DP=2) --load A: model + optimizer resharded; same probe-batch loss as A; 1 more step
-  H     plain-CE checkpoint -> --finetune into a TempNet model: LM loaded, TempNet at its init
-  P     PP=2: 4 iterations vs 2 + resume from iter_0000002 + 2, bitwise
-  M     train.main() with --exit-duration-in-mins: saves, returns EXIT_CODE_TIME_LIMIT
+One launch, several runs in this process (``train.build`` re-initializes the process groups);
+the result keys are the run names (directories: a = reference, b = sigterm .. no_load_optim,
+c = finetune_from_ce, p = pp2):
+  reference          TP=2, 6 iterations, --save-interval 3 --keep-last 1
+  sigterm            same flags, SIGTERM to rank 0 only after iteration 2 -> stops at 3, saves,
+                     exit code 3
+  resumed            --load: iterations 4..6   (reference == sigterm + resumed bitwise: losses,
+                     weights)
+  nan_loss           --load b at 6, NaN loss from iteration 7: TrainingDiverged, checkpoint 6
+                     untouched
+  killed_save        --load b at 6, the save of iteration 7 crashes after writing part of its
+                     directory
+  after_killed_save  --load b: resumes from 6 (latest still 6), saves 7 over the unfinished
+                     directory
+  other_shape        --load b with --num-layers 2: a clear shape error before any tensor is read
+  no_load_optim      --load b (at 7) --no-load-optim: iteration 7, scheduler at step 7, no
+                     optimizer state
+  tp1_resume         TP=1 (DP=2) --load a: model + optimizer resharded; same probe-batch loss as
+                     the reference; 1 more step
+  finetune_from_ce   plain-CE checkpoint -> --finetune into a TempNet model: LM loaded, TempNet at
+                     its init
+  pp2                PP=2: 4 iterations vs 2 + resume from iter_0000002 + 2, bitwise
+  time_limit         train.main() with --exit-duration-in-mins: saves, returns
+                     EXIT_CODE_TIME_LIMIT
 Usage: checkpoint_worker.py <data prefix> <tokenizer model> <work dir>
 """
 import hashlib
@@ -65,7 +76,8 @@ def probe_loss(trainer):
     model = trainer.model_chunks[0].module
     model.eval()
     reports = forward_backward(trainer.model_chunks, iter([batch]), num_microbatches=1,
-                               seq_length=32, micro_batch_size=2, forward_only=True)
+                               seq_length=32, micro_batch_size=2, forward_only=True,
+                               spec=trainer.spec)
     model.train()
     if not reports:
         return None
@@ -105,42 +117,44 @@ def main():
     a, b, c, p = (str(WORK / name) for name in ("a", "b", "c", "p"))
     r = {}
 
-    # A: the reference; keep-last 1 leaves only iter_0000006
+    # reference: keep-last 1 leaves only iter_0000006
     t = build("--save", a, "--save-interval", "3", "--keep-last", "1")
-    r["A"] = t.train().history
-    r["A_weights"], r["A_probe"] = weights(t), probe_loss(t)
-    r["A_dirs"], r["A_latest"] = saved_iterations(a), read_latest(a)
+    r["reference"] = t.train().history
+    r["reference_weights"], r["reference_probe"] = weights(t), probe_loss(t)
+    r["reference_dirs"], r["reference_latest"] = saved_iterations(a), read_latest(a)
 
-    # B1: SIGTERM to rank 0 only after iteration 2 -> every rank stops after iteration 3
+    # sigterm: SIGTERM to rank 0 only after iteration 2 -> every rank stops after iteration 3
     t = build("--save", b, "--save-interval", "100")
     state = t.train(callbacks=[sigterm_rank0_after(2)])
-    r["B1"], r["B1_exit"], r["B1_latest"] = state.history, state.exit_code, read_latest(b)
+    r["sigterm"], r["sigterm_exit"] = state.history, state.exit_code
+    r["sigterm_latest"] = read_latest(b)
     r["handler_restored"] = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
-    # B2: resume -> iterations 4..6
+    # resumed: resume -> iterations 4..6
     t = build("--save", b, "--load", b, "--save-interval", "3")
-    r["B2_start"] = t.state.iteration
-    r["B2"] = t.train().history
-    r["B2_weights"] = weights(t)
+    r["resumed_start"] = t.state.iteration
+    r["resumed"] = t.train().history
+    r["resumed_weights"] = weights(t)
 
-    mark("C")
-    # C: NaN loss from iteration 7 on (the checkpoint at 6 must stay current and untouched)
+    mark("nan_loss")
+    # nan_loss: NaN loss from iteration 7 on (checkpoint 6 must stay current and untouched)
     digest = tree_digest(Path(b) / "iter_0000006")
     real_loss = step.masked_sum_loss
     step.masked_sum_loss = lambda mask, output, **kw: real_loss(mask, output * float("nan"), **kw)
     try:
         build("--save", b, "--load", b, KEEP_SCHEDULE, "--save-interval", "1", iters=8).train()
-        r["C_error"] = None
+        r["nan_loss_error"] = None
     except TrainingDiverged as e:
-        r["C_error"] = str(e)
+        r["nan_loss_error"] = str(e)
     finally:
         step.masked_sum_loss = real_loss
     dist.barrier()
-    r["C_untouched"] = digest == tree_digest(Path(b) / "iter_0000006")
-    r["C_latest"], r["C_dirs"] = read_latest(b), saved_iterations(b)
+    r["nan_loss_untouched"] = digest == tree_digest(Path(b) / "iter_0000006")
+    r["nan_loss_latest"], r["nan_loss_dirs"] = read_latest(b), saved_iterations(b)
 
-    mark("D")
-    # D: the save of iteration 7 dies after writing its shards, before metadata.json and the
+    mark("killed_save")
+    # killed_save: the save of iteration 7 dies after writing its shards, before metadata.json
+    # and the
     # marker (what a kill in the middle of a save leaves)
     real_save = checkpointing.save_sharded
 
@@ -154,66 +168,69 @@ def main():
     checkpointing.save_sharded = crashing_save
     try:
         build("--save", b, "--load", b, KEEP_SCHEDULE, "--save-interval", "1", iters=7).train()
-        r["D_error"] = None
+        r["killed_save_error"] = None
     except RuntimeError as e:
-        r["D_error"] = str(e)
+        r["killed_save_error"] = str(e)
     finally:
         checkpointing.save_sharded = real_save
     dist.barrier()
-    r["D_latest"], r["D_dirs"] = read_latest(b), saved_iterations(b)
+    r["killed_save_latest"], r["killed_save_dirs"] = read_latest(b), saved_iterations(b)
 
-    mark("E")
-    # E: resume from 6 again; the unfinished iter_0000007 is replaced by a complete one
+    mark("after_killed_save")
+    # after_killed_save: resume from 6 again; the unfinished iter_0000007 is replaced by a
+    # complete one
     t = build("--save", b, "--load", b, KEEP_SCHEDULE, "--save-interval", "1", iters=7)
-    r["E_start"], r["E"] = t.state.iteration, t.train().history
-    r["E_latest"] = read_latest(b)
+    r["after_killed_save_start"], r["after_killed_save"] = t.state.iteration, t.train().history
+    r["after_killed_save_latest"] = read_latest(b)
 
-    mark("F")
-    # F: another model shape
+    mark("other_shape")
+    # other_shape: another model shape
     try:
         build("--load", b, "--num-layers", "2")
-        r["F_error"] = None
+        r["other_shape_error"] = None
     except ConfigError as e:
-        r["F_error"] = str(e)
+        r["other_shape_error"] = str(e)
 
-    # N: --no-load-optim (B is at 7 now): position restored, fresh optimizer, lr schedule at 7
+    # no_load_optim: (b is at 7 now): position restored, fresh optimizer, lr schedule at 7
     t = build("--load", b, "--no-load-optim", iters=8)
-    r["N"] = (t.state.iteration, t.scheduler.num_steps,
+    r["no_load_optim"] = (t.state.iteration, t.scheduler.num_steps,
               sum(len(o.optimizer.state) for o in t.optimizer.chained_optimizers))
 
-    mark("G")
-    # G: TP=1 (DP=2) resumes A's TP=2 checkpoint (model + optimizer resharded), trains on
+    mark("tp1_resume")
+    # tp1_resume: TP=1 (DP=2) resumes the reference's TP=2 checkpoint (model + optimizer
+    # resharded), trains on
     t = build("--load", a, KEEP_SCHEDULE, tp=1, iters=7)
-    r["G_start"], r["G_probe"] = t.state.iteration, probe_loss(t)
-    r["G_more"] = t.train().history
+    r["tp1_resume_start"], r["tp1_resume_probe"] = t.state.iteration, probe_loss(t)
+    r["tp1_resume_more"] = t.train().history
 
-    mark("H")
-    # H: a plain-CE checkpoint, then --finetune into a TempNet model
+    mark("finetune_from_ce")
+    # finetune_from_ce: a plain-CE checkpoint, then --finetune into a TempNet model
     t = build("--save", c, loss_mode="ce", iters=1)
     t.train()
     ce_weights = weights(t)
     fresh = weights(build(iters=1))
     t = build("--load", c, "--finetune", iters=1)
     loaded = weights(t)
-    r["H_start"] = t.state.iteration
-    r["H_lm_loaded"] = all(torch.equal(loaded[n], w) for n, w in ce_weights.items())
-    r["H_tempnet_init"] = [n for n in loaded if n.startswith("tempnet.")] and all(
+    r["finetune_from_ce_start"] = t.state.iteration
+    r["finetune_from_ce_lm_loaded"] = all(torch.equal(loaded[n], w) for n, w in ce_weights.items())
+    r["finetune_from_ce_tempnet_init"] = [n for n in loaded if n.startswith("tempnet.")] and all(
         torch.equal(loaded[n], fresh[n]) for n in loaded if n.startswith("tempnet."))
-    r["H_history"] = t.train().history
+    r["finetune_from_ce_history"] = t.train().history
 
-    mark("P")
-    # P: PP=2, bitwise: 4 iterations vs 2 + resume + 2
+    mark("pp2")
+    # pp2: PP=2, bitwise: 4 iterations vs 2 + resume + 2
     t = build("--save", p, "--save-interval", "2", tp=1, pp=2, iters=4)
-    r["P_full"], r["P_full_weights"] = t.train().history, weights(t)
+    r["pp2_full"], r["pp2_full_weights"] = t.train().history, weights(t)
     t = build("--load", str(Path(p) / "iter_0000002"), tp=1, pp=2, iters=4)
-    r["P_start"], r["P_resumed"], r["P_resumed_weights"] = t.state.iteration, t.train().history, \
+    r["pp2_start"] = t.state.iteration
+    r["pp2_resumed"], r["pp2_resumed_weights"] = t.train().history, \
         weights(t)
 
-    mark("M")
-    # M: the entry point's exit code for the time limit (main() shuts the process groups down)
-    r["M_exit"] = entry.main(flags("--save", str(WORK / "m"), "--exit-duration-in-mins",
+    mark("time_limit")
+    # time_limit: the entry point's exit code (main() shuts the process groups down)
+    r["time_limit_exit"] = entry.main(flags("--save", str(WORK / "m"), "--exit-duration-in-mins",
                                    "1e-6", iters=6))
-    r["M_latest"] = read_latest(WORK / "m")
+    r["time_limit_latest"] = read_latest(WORK / "m")
     mark("end")
     save_rank_result(r)
 

@@ -31,13 +31,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_tempnet.config import TrainConfig, load_model_preset
-from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
+from megatron_tempnet.models.tempnet_gpt import build_tempnet_model, loss_channels
 from megatron_tempnet.parallel import initialize, shutdown
 from megatron_tempnet.tempnet import TempNetConfig
 from megatron_tempnet.training.ddp import wrap_ddp
 from megatron_tempnet.training.deepspeed import build_deepspeed_engine, deepspeed_train_step
 from megatron_tempnet.training.optim import build_optimizer, build_scheduler
-from megatron_tempnet.training.step import forward_backward, global_metrics
+from megatron_tempnet.training.step import ReportSpec, forward_backward, global_metrics
 from torchrun import REPO, save_rank_result
 
 STEPS, SEQ = 4, 16
@@ -45,6 +45,7 @@ TRAIN = dict(micro_batch_size=2, global_batch_size=8, seq_length=SEQ, train_iter
              lr=2e-3, min_lr=2e-4, weight_decay=0.1, clip_grad=1.0, lr_warmup_iters=1)
 TEMPNET = TempNetConfig(loss_mode="tempnet_dro", dropout=0.0, hidden_size=32, lr=1e-3,
                         weight_decay=0.01, rho=4.0)
+SPEC = ReportSpec(loss_channels(TEMPNET))
 
 
 def global_batches(vocab: int, train: TrainConfig):
@@ -89,7 +90,7 @@ def run_layout(tp: int, zero_stage: int) -> dict:
         chunks[0].zero_grad_buffer()
         optimizer.zero_grad()
         reports = forward_backward(chunks, batches, num_microbatches=num_micro, seq_length=SEQ,
-                                   micro_batch_size=train.micro_batch_size)
+                                   micro_batch_size=train.micro_batch_size, spec=SPEC)
         _, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         mcore.append({**as_floats(global_metrics(reports, ctx.dp_group)), "grad norm": grad_norm,
@@ -104,7 +105,7 @@ def run_layout(tp: int, zero_stage: int) -> dict:
     batches = rank_micro_batches(cfg.vocab_size, train, ctx)
     deepspeed = []
     for _ in range(STEPS):
-        out = deepspeed_train_step(engine, ds_scheduler, batches, num_micro)
+        out = deepspeed_train_step(engine, ds_scheduler, batches, num_micro, spec=SPEC)
         metrics = global_metrics(out.reports, ctx.dp_group)
         deepspeed.append({**as_floats(metrics), "grad norm": out.grad_norm,
                           "lr": [g["lr"] for g in engine.optimizer.param_groups]})
@@ -180,7 +181,7 @@ def checkpoint_main(data, tokenizer, work: Path):
 
     # B2: resume -> iterations 3..4
     t = build("--save", b, "--load", b)
-    r["B2_start"], r["B2_consumed"] = t.state.iteration, t.state.consumed_samples
+    r["B2_start"], r["B2_consumed"] = t.state.iteration, t.state_dict()["consumed_samples"]
     r["B2"], r["B2_weights"] = t.train().history, weights(t)
 
     # N: --no-load-optim (B is at 4): position and lr schedule restored, ZeRO state fresh

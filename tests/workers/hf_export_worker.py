@@ -32,7 +32,8 @@ def probe(trainer) -> dict | None:
     model.eval()
     reports = forward_backward(trainer.model_chunks, iter([batch]), num_microbatches=1,
                                seq_length=batch["tokens"].shape[1],
-                               micro_batch_size=batch["tokens"].shape[0], forward_only=True)
+                               micro_batch_size=batch["tokens"].shape[0], forward_only=True,
+                               spec=trainer.spec)
     if not reports:
         return None
     return {k: (lambda v: (v[0] / v[1]).item())(reduce_reports(reports, k))

@@ -111,7 +111,9 @@ def main():
     before = {str(S): digest(S)}
 
     # 1. checkpoints destroyed with exit 0
-    case("second_fresh_run", train("--save", str(S)), S)
+    status_before = (S / "exit_status.json").read_bytes()
+    case("second_fresh_run", train("--save", str(S)), S)  # another run's directory: its exit
+    r["second_fresh_run"]["status_kept"] = (S / "exit_status.json").read_bytes() == status_before
     marker = S / "latest_checkpointed_iteration.txt"
     marker.rename(S / "marker.bak")
     before[str(S)] = digest(S)
@@ -121,8 +123,11 @@ def main():
     case("finetune_into_owned_dir", train("--save", str(S), "--load", str(S), "--finetune"), S)
     r["other_run"] = train("--save", str(T), iters=2)
     before[str(T)] = digest(T)
+    status_before = (T / "exit_status.json").read_bytes()
     case("resume_into_other_runs_dir", train("--save", str(T), "--load", str(S), keep, iters=6),
          S, T)
+    r["resume_into_other_runs_dir"]["status_kept"] = \
+        (T / "exit_status.json").read_bytes() == status_before
     foreign = S / "iter_0000006"
     shutil.copytree(S / "iter_0000002", foreign)
     (foreign / "writer.json").unlink()
@@ -176,6 +181,14 @@ def main():
     corrupt(latest / "common.pt", "random")
     before[str(S)] = digest(S)
     case("random_bytes_train", train("--save", str(S), "--load", str(S), keep, iters=9), S)
+
+    # the opt-out: no checksums written, none verified (a zeroed shard loads)
+    X = WORK / "X"
+    r["no_checksums"] = train("--save", str(X), "--no-checkpoint-checksums", iters=2)
+    r["no_checksums"]["manifests"] = sorted(p.parent.name for p in X.rglob("checksums.json"))
+    corrupt(sorted((X / "iter_0000002").glob("*.distcp"))[0], "zeros")
+    r["no_checksums_resume"] = train("--save", str(X), "--load", str(X), keep,
+                                     "--no-checkpoint-checksums", iters=3)
 
     # 6. exit codes in exit_status.json
     r["time_limit"] = train("--save", str(W), "--exit-duration-in-mins", "1e-6", iters=6)

@@ -12,11 +12,11 @@ import torch
 
 from megatron_tempnet.config import ModelConfig
 from megatron_tempnet.models.sharding import full_to_local, load_local
-from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
+from megatron_tempnet.models.tempnet_gpt import build_tempnet_model, loss_channels
 from megatron_tempnet.parallel import initialize, shutdown
 from megatron_tempnet.tempnet import TempNetConfig
 from megatron_tempnet.training.ddp import wrap_ddp
-from megatron_tempnet.training.step import forward_backward, reduce_reports
+from megatron_tempnet.training.step import ReportSpec, forward_backward, reduce_reports
 from batches import rank_micro_batches
 from torchrun import save_rank_result
 
@@ -33,7 +33,8 @@ def run_layout(case: dict, tp: int, pp: int) -> dict:
     micro = rank_micro_batches(batch, ctx)
     torch.manual_seed(case["dropout_seed"])  # the same default generator on every rank
     reports = forward_backward([ddp], iter(micro), num_microbatches=len(micro),
-                               seq_length=batch["tokens"].shape[1], micro_batch_size=1)
+                               seq_length=batch["tokens"].shape[1], micro_batch_size=1,
+                               spec=ReportSpec(loss_channels(tcfg)))
     result = {"tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank,
               "reports": ({k: reduce_reports(reports, k) for k in reports[0]}
                           if ctx.is_last_stage else None),

@@ -454,5 +454,5 @@ def layout_from_run(run, world_size: int, *, sequence_parallel: bool = False,
 
 __all__ = ["Layout", "ParamCount", "MemoryEstimate", "count_parameters", "layer_params",
            "tempnet_params", "state_bytes_per_param", "layer_activation_bytes",
-           "activation_bytes", "estimate_memory", "ACTIVATION_MARGIN", "flops_per_step", "explain", "verdict",
-           "layout_from_run", "GiB", "H100_MEMORY_GIB"]
+           "activation_bytes", "estimate_memory", "ACTIVATION_MARGIN", "flops_per_step",
+           "explain", "verdict", "layout_from_run", "GiB", "H100_MEMORY_GIB"]
