@@ -128,6 +128,24 @@ def parse_args(argv=None) -> RunConfig:
                                      for s in SECTIONS if s != "model"})
 
 
+def _check_layers_per_chunk(model: ModelConfig, par: ParallelConfig, tr: TrainConfig) -> None:
+    """Virtual stages divide each pipeline stage's layers; --recompute-num-layers fits in one."""
+    per_stage = model.num_layers // par.pipeline_model_parallel_size
+    if per_stage % par.virtual_size:
+        raise ConfigError(f"--virtual-pipeline-model-parallel-size {par.virtual_size} does not "
+                          f"divide the {per_stage} layers of each pipeline stage (--num-layers "
+                          f"{model.num_layers} / --pipeline-model-parallel-size "
+                          f"{par.pipeline_model_parallel_size}): choose a divisor of "
+                          f"{per_stage}")
+    n = tr.recompute_num_layers
+    if n is not None and n > per_stage // par.virtual_size:
+        raise ConfigError(f"--recompute-num-layers {n} exceeds the "
+                          f"{per_stage // par.virtual_size} layers of each model chunk "
+                          f"(--num-layers {model.num_layers} over "
+                          f"{par.pipeline_model_parallel_size} stage(s) x {par.virtual_size} "
+                          "virtual stage(s)): lower it")
+
+
 def resolve(run: RunConfig, world_size: int) -> RunConfig:
     """Check the whole run for ``world_size`` processes, before any process group, tokenizer
     load or dataset: every section's validate and every cross-section rule (layout, batch
@@ -150,6 +168,17 @@ def resolve(run: RunConfig, world_size: int) -> RunConfig:
                           f"{model.max_position_embeddings}: the {model.family} model has "
                           f"positions for {model.max_position_embeddings} tokens only; raise "
                           "--max-position-embeddings or lower --seq-length")
+    _check_layers_per_chunk(model, par, tr)
+    if par.virtual_size > 1 and tr.num_microbatches(dp) % pp:
+        raise ConfigError(f"the interleaved pipeline (--virtual-pipeline-model-parallel-size "
+                          f"{par.virtual_size}) needs the micro-batches per step "
+                          f"({tr.num_microbatches(dp)}) to be a multiple of "
+                          f"--pipeline-model-parallel-size {pp}: change --global-batch-size")
+    if par.context_parallel_size > 1:
+        raise ConfigError(f"--context-parallel-size {par.context_parallel_size}: context "
+                          "parallelism is not wired into this trainer yet (its attention, data "
+                          "split and loss need Transformer Engine's context-parallel path); use "
+                          "--sequence-parallel with tensor parallelism")
     # the same rule as models/tempnet_gpt.py build_tempnet_model, before any process group
     if pp > 1 and tempnet.training_mode == "frozen_lm":
         raise ConfigError("--tempnet-training-mode frozen_lm needs "

@@ -295,21 +295,104 @@ PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 
 
+RECOMPUTE_GRANULARITIES = ("selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
 @dataclass
 class ParallelConfig:
+    """How the model, the sequence and the data are split over the ranks (megatron-core).
+
+    tensor_model_parallel_size: ranks splitting every layer's weight matrices (TP).
+    pipeline_model_parallel_size: pipeline stages, each a contiguous run of layers (PP).
+    virtual_pipeline_model_parallel_size: model chunks per pipeline rank for the interleaved
+        1F1B schedule (smaller pipeline bubble; None: one chunk); must divide the layers per stage.
+    sequence_parallel: with TP > 1, the layer norms, dropouts and residuals work on 1/TP of the
+        sequence (Megatron's sequence parallelism: their activations shrink TP-fold).
+    context_parallel_size: ranks splitting the sequence inside attention (CP); needs Transformer
+        Engine's attention.
+    use_distributed_optimizer: shard the fp32 main weights and Adam state over data-parallel
+        ranks (ZeRO-1).
+    overlap_grad_reduce: reduce the gradient buckets over data-parallel ranks during the
+        backward pass.
+    overlap_param_gather: with the distributed optimizer, gather the updated weights during the
+        next forward pass.
+    ddp_bucket_size: parameters per gradient-reduction bucket (None: megatron-core's default,
+        max(40M, 1M x DP) with overlap, one bucket without).
+    """
+
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    sequence_parallel: bool = False
+    context_parallel_size: int = 1
     use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    ddp_bucket_size: int | None = None
 
     def validate(self) -> "ParallelConfig":
         require_int(self, "tensor_model_parallel_size", 1, "tensor-parallel ranks")
         require_int(self, "pipeline_model_parallel_size", 1, "pipeline stages")
+        require_int(self, "context_parallel_size", 1, "context-parallel ranks")
+        if self.virtual_pipeline_model_parallel_size is not None:
+            require_int(self, "virtual_pipeline_model_parallel_size", 1,
+                        "model chunks per pipeline rank")
+            if self.virtual_pipeline_model_parallel_size > 1 \
+                    and self.pipeline_model_parallel_size < 2:
+                raise ConfigError(
+                    f"--virtual-pipeline-model-parallel-size "
+                    f"{self.virtual_pipeline_model_parallel_size} needs "
+                    "--pipeline-model-parallel-size >= 2 (it interleaves the pipeline stages); "
+                    "drop it or add pipeline stages")
+        if self.ddp_bucket_size is not None:
+            require_int(self, "ddp_bucket_size", 1, "parameters per gradient bucket")
+        if self.sequence_parallel and self.tensor_model_parallel_size < 2:
+            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size >= 2 (it "
+                              "splits the sequence over the tensor-parallel ranks): drop it or "
+                              "raise the tensor-parallel size")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer (only "
+                              "the distributed optimizer gathers parameters): add it or drop "
+                              "--overlap-param-gather")
+        if self.context_parallel_size > 1 and not transformer_engine_available():
+            raise ConfigError(f"--context-parallel-size {self.context_parallel_size} needs "
+                              "Transformer Engine's attention, which is not importable here "
+                              "(megatron-core's local and our SDPA attention split no sequence): "
+                              "install transformer-engine on a GPU machine, or use "
+                              "--sequence-parallel with tensor parallelism instead")
         return self
+
+    @property
+    def virtual_size(self) -> int:
+        """Model chunks per pipeline rank (1 without the interleaved schedule)."""
+        return self.virtual_pipeline_model_parallel_size or 1
+
+
+def transformer_engine_available() -> bool:
+    """Transformer Engine importable on a CUDA device (its attention is what CP needs)."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation and schedule of the LM (TempNet's own group lives in TempNetConfig)."""
+    """Optimisation and schedule of the LM (TempNet's own group lives in TempNetConfig), and
+    activation recomputation.
+
+    recompute_granularity: "selective" recomputes the core attention (softmax(QK^T)V: the
+        memory that grows with the sequence squared) in the backward pass; "full" recomputes
+        whole transformer layers (None: no recomputation).
+    recompute_method: with "full": "uniform" checkpoints the layers in groups of
+        recompute_num_layers; "block" recomputes the first recompute_num_layers layers of each
+        pipeline stage and keeps the others' activations.
+    recompute_num_layers: layers per group ("uniform") or per stage ("block").
+    """
 
     micro_batch_size: int = 4
     global_batch_size: int = 16
@@ -328,6 +411,9 @@ class TrainConfig:
     precision: str = "fp32"
     seed: int = 1234
     log_interval: int = 10
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
 
     def validate(self, dp_size: int = 1) -> "TrainConfig":
         require_int(self, "micro_batch_size", 1, "sequences per micro-batch and data-parallel "
@@ -357,6 +443,7 @@ class TrainConfig:
                 f"{per_step}: choose a global batch that is a multiple of {per_step}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision!r}: choose one of {list(PRECISIONS)}")
+        self._validate_recompute()
         if self.lr_decay_style not in LR_DECAY_STYLES:
             raise ConfigError(f"--lr-decay-style {self.lr_decay_style!r}: choose one of "
                               f"{list(LR_DECAY_STYLES)}")
@@ -365,6 +452,27 @@ class TrainConfig:
             raise ConfigError(f"--lr-warmup-iters {self.lr_warmup_iters} must be smaller than "
                               f"the decay length {self.lr_decay_iters or self.train_iters}")
         return self
+
+    def _validate_recompute(self) -> None:
+        g, method, n = (self.recompute_granularity, self.recompute_method,
+                        self.recompute_num_layers)
+        if g is not None and g not in RECOMPUTE_GRANULARITIES:
+            raise ConfigError(f"--recompute-granularity {g!r}: choose one of "
+                              f"{list(RECOMPUTE_GRANULARITIES)}")
+        if method is not None and method not in RECOMPUTE_METHODS:
+            raise ConfigError(f"--recompute-method {method!r}: choose one of "
+                              f"{list(RECOMPUTE_METHODS)}")
+        if g == "full" and (method is None or n is None):
+            raise ConfigError("--recompute-granularity full needs --recompute-method "
+                              "uniform|block and --recompute-num-layers N (e.g. uniform 1: "
+                              "every layer)")
+        if g != "full" and (method is not None or n is not None):
+            raise ConfigError("--recompute-method / --recompute-num-layers apply to "
+                              "--recompute-granularity full only"
+                              + ("" if g is None else f" (this run: {g!r}, which recomputes "
+                                 "the core attention of every layer)") + ": drop them")
+        if n is not None:
+            require_int(self, "recompute_num_layers", 1, "layers per recompute group or stage")
 
     def num_microbatches(self, dp_size: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * dp_size)

@@ -21,7 +21,10 @@ MEGATRON_FLAGS = {"--tensor-model-parallel-size", "--pipeline-model-parallel-siz
                   "--use-distributed-optimizer", "--eval-interval", "--eval-iters", "--save",
                   "--load", "--save-interval", "--exit-duration-in-mins",
                   "--exit-signal-handler", "--finetune", "--no-load-optim", "--no-load-rng",
-                  "--deepspeed", "--deepspeed_config"}
+                  "--deepspeed", "--deepspeed_config", "--sequence-parallel",
+                  "--virtual-pipeline-model-parallel-size", "--context-parallel-size",
+                  "--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size",
+                  "--recompute-granularity", "--recompute-method", "--recompute-num-layers"}
 # Ours: TempNet's section, the model family / attention / precision choices, checkpoint
 # safety (keep-last, loss spike, collapse, checksums; Megatron-LM spells the schedule pair
 # --override-opt_param-scheduler / --use-checkpoint-opt_param-scheduler), metrics and the

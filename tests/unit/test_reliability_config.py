@@ -130,6 +130,29 @@ def test_bad_preset_file(tmp_path, text, message):
       "tempnet_dro", "--tempnet-training-mode", "frozen_lm"], 2,
      r"--tempnet-training-mode frozen_lm needs --pipeline-model-parallel-size 1"),
     (["--tempnet-tau-min", "0"], 1, r"TempNetConfig\.tau_min \(--tempnet-tau-min\) = 0.0"),
+    # scale: sequence parallelism, recomputation, the interleaved pipeline, CP, overlap
+    (["--sequence-parallel"], 1, "--sequence-parallel needs --tensor-model-parallel-size >= 2"),
+    (["--model", "tiny-llama", "--pipeline-model-parallel-size", "2",
+      "--virtual-pipeline-model-parallel-size", "3"], 2,
+     "--virtual-pipeline-model-parallel-size 3 does not divide the 2 layers of each pipeline "
+     "stage"),
+    (["--virtual-pipeline-model-parallel-size", "2"], 1,
+     "needs --pipeline-model-parallel-size >= 2"),
+    (["--model", "tiny-llama", "--pipeline-model-parallel-size", "2",
+      "--virtual-pipeline-model-parallel-size", "2", "--global-batch-size", "12",
+      "--micro-batch-size", "4"], 2, r"micro-batches per step \(3\) to be a multiple of "
+     "--pipeline-model-parallel-size 2"),
+    (["--model", "tiny-llama", "--recompute-granularity", "full", "--recompute-method",
+      "uniform", "--recompute-num-layers", "5"], 1,
+     "--recompute-num-layers 5 exceeds the 4 layers of each model chunk"),
+    (["--recompute-granularity", "full"], 1,
+     "--recompute-granularity full needs --recompute-method uniform|block"),
+    (["--recompute-granularity", "selective", "--recompute-num-layers", "2"], 1,
+     "apply to --recompute-granularity full only"),
+    (["--recompute-granularity", "some"], 1, "--recompute-granularity 'some': choose one of"),
+    (["--overlap-param-gather", "--use-distributed-optimizer", "false"], 1,
+     "--overlap-param-gather needs --use-distributed-optimizer"),
+    (["--context-parallel-size", "2"], 2, "--context-parallel-size 2"),
 ])
 def test_bad_value_is_one_config_error(argv, world_size, message):
     with pytest.raises(ConfigError, match=message):
