@@ -39,26 +39,58 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Architecture of a GPT (GPT-2 style) or LLaMA model; one field per flag.
 
-    gpt:   learned absolute positions, LayerNorm, GeLU (tanh approximation as GPT-2), biases.
-    llama: RoPE, RMSNorm, SwiGLU, no biases, grouped-query attention, untied output layer.
+    The two families (``FAMILIES``) differ in fixed choices, not in flags: "gpt" has learned
+    absolute positions, LayerNorm, GeLU (tanh approximation as GPT-2) and biases; "llama" has
+    RoPE, RMSNorm, SwiGLU, no biases, grouped-query attention and an untied output layer.
+    A ``--model`` preset (configs/models/) replaces the defaults below.
+
+    Attributes:
+        family: the model family, "gpt" or "llama" (above): it sets what Megatron-LM spells
+            --position-embedding-type, --normalization, --swiglu and --disable-bias-linear.
+        num_layers: transformer layers.
+        hidden_size: model width (h).
+        num_attention_heads: attention heads (the head size is hidden_size / heads).
+        num_query_groups: key/value head groups of grouped-query attention; must divide the
+            heads (None: one group per head, multi-head attention).
+        ffn_hidden_size: MLP width (None: 4h for gpt, LLaMA's 2/3 x 4h rounded up to a
+            multiple of 256 for llama).
+        vocab_size: tokens in the vocabulary; train and evaluate set it from the tokenizer
+            (a value given here is replaced), tools without a tokenizer (tools/estimate.py)
+            read it. The embedding is padded (make_vocab_size_divisible_by).
+        make_vocab_size_divisible_by: pad the vocabulary to a multiple of this x the
+            tensor-parallel size (Megatron's padding).
+        max_position_embeddings: longest sequence the model has positions for (gpt's learned
+            position table; --seq-length may not exceed it).
+        norm_epsilon: epsilon of the LayerNorm / RMSNorm.
+        rotary_base: base (theta) of the rotary position embedding (llama only).
+        tie_embeddings: share the input embedding and the output layer's weights (None: gpt
+            ties, llama does not; Megatron-LM's --untie-embeddings-and-output-weights is
+            --tie-embeddings false).
+        init_method_std: standard deviation of the normal weight initialisation.
+        hidden_dropout: dropout probability of the attention and MLP outputs.
+        attention_dropout: dropout probability of the attention weights.
+        attention_backend: core attention without Transformer Engine: "sdpa" (PyTorch's
+            scaled_dot_product_attention, which picks the flash or memory-efficient kernel on
+            a GPU; models/specs.py) or "local" (megatron-core's unfused attention). Transformer
+            Engine's attention is used instead when it is importable on a GPU.
     """
 
     family: str = "llama"
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
-    num_query_groups: int | None = None  # None: one group per head (multi-head attention)
-    ffn_hidden_size: int | None = None  # None: 4h (gpt) or LLaMA's 2/3*4h rounded to 256
-    vocab_size: int | None = None  # the tokenizer's; padded for the model (see padded_vocab_size)
+    num_query_groups: int | None = None
+    ffn_hidden_size: int | None = None
+    vocab_size: int | None = None
     make_vocab_size_divisible_by: int = 128
     max_position_embeddings: int = 2048
     norm_epsilon: float = 1e-5
     rotary_base: float = 10000.0
-    tie_embeddings: bool | None = None  # None: gpt ties, llama does not
+    tie_embeddings: bool | None = None
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
-    attention_backend: str = "sdpa"  # see ATTENTION_BACKENDS; Transformer Engine wins if present
+    attention_backend: str = "sdpa"
 
     def __post_init__(self):
         if self.tie_embeddings is None:
@@ -303,22 +335,27 @@ RECOMPUTE_METHODS = ("uniform", "block")
 class ParallelConfig:
     """How the model, the sequence and the data are split over the ranks (megatron-core).
 
-    tensor_model_parallel_size: ranks splitting every layer's weight matrices (TP).
-    pipeline_model_parallel_size: pipeline stages, each a contiguous run of layers (PP).
-    virtual_pipeline_model_parallel_size: model chunks per pipeline rank for the interleaved
-        1F1B schedule (smaller pipeline bubble; None: one chunk); must divide the layers per stage.
-    sequence_parallel: with TP > 1, the layer norms, dropouts and residuals work on 1/TP of the
-        sequence (Megatron's sequence parallelism: their activations shrink TP-fold).
-    context_parallel_size: ranks splitting the sequence inside attention (CP); needs Transformer
-        Engine's attention.
-    use_distributed_optimizer: shard the fp32 main weights and Adam state over data-parallel
-        ranks (ZeRO-1).
-    overlap_grad_reduce: reduce the gradient buckets over data-parallel ranks during the
-        backward pass.
-    overlap_param_gather: with the distributed optimizer, gather the updated weights during the
-        next forward pass.
-    ddp_bucket_size: parameters per gradient-reduction bucket (None: megatron-core's default,
-        max(40M, 1M x DP) with overlap, one bucket without).
+    Attributes:
+        tensor_model_parallel_size: ranks splitting every layer's weight matrices (TP).
+        pipeline_model_parallel_size: pipeline stages, each a contiguous run of layers (PP).
+        virtual_pipeline_model_parallel_size: model chunks per pipeline rank for the
+            interleaved 1F1B schedule (smaller pipeline bubble; None: one chunk); must divide
+            the layers per stage. Megatron-LM's --num-layers-per-virtual-pipeline-stage N
+            gives it as num_layers / PP / N.
+        sequence_parallel: with TP > 1, the layer norms, dropouts and residuals work on 1/TP
+            of the sequence (Megatron's sequence parallelism: their activations shrink
+            TP-fold).
+        context_parallel_size: ranks splitting the sequence inside attention (CP); needs
+            Transformer Engine's attention, and this trainer does not wire it in yet (a size
+            above 1 is an error).
+        use_distributed_optimizer: shard the fp32 main weights and Adam state over
+            data-parallel ranks (ZeRO-1).
+        overlap_grad_reduce: reduce the gradient buckets over data-parallel ranks during the
+            backward pass.
+        overlap_param_gather: with the distributed optimizer, gather the updated weights
+            during the next forward pass.
+        ddp_bucket_size: parameters per gradient-reduction bucket (None: megatron-core's
+            default, max(40M, 1M x DP) with overlap, one bucket without).
     """
 
     tensor_model_parallel_size: int = 1
@@ -385,13 +422,38 @@ class TrainConfig:
     """Optimisation and schedule of the LM (TempNet's own group lives in TempNetConfig), and
     activation recomputation.
 
-    recompute_granularity: "selective" recomputes the core attention (softmax(QK^T)V: the
-        memory that grows with the sequence squared) in the backward pass; "full" recomputes
-        whole transformer layers (None: no recomputation).
-    recompute_method: with "full": "uniform" checkpoints the layers in groups of
-        recompute_num_layers; "block" recomputes the first recompute_num_layers layers of each
-        pipeline stage and keeps the others' activations.
-    recompute_num_layers: layers per group ("uniform") or per stage ("block").
+    Attributes:
+        micro_batch_size: sequences per micro-batch on each data-parallel rank.
+        global_batch_size: sequences per optimizer step; micro-batches accumulate to it
+            (global / (micro x DP) of them per step).
+        seq_length: tokens per training sequence.
+        train_iters: optimizer steps to train for.
+        lr: peak learning rate of the LM (reached after the warm-up).
+        min_lr: learning rate the decay ends at.
+        lr_warmup_iters: steps of the linear warm-up from 0 to lr (0: none).
+        lr_decay_style: shape of the decay from lr to min_lr after the warm-up.
+        lr_decay_iters: step at which the decay reaches min_lr, warm-up included (None:
+            train_iters).
+        weight_decay: decoupled (AdamW) weight decay of the LM's weights (not of biases
+            and 1-D parameters).
+        adam_beta1: Adam's decay rate of the gradient's first moment.
+        adam_beta2: Adam's decay rate of the gradient's second moment.
+        adam_eps: Adam's epsilon.
+        clip_grad: clip the global gradient norm to this (0: no clipping).
+        precision: parameter and compute dtype: "fp32", "bf16" (fp32 main weights in the
+            optimizer) or "fp16" (also a dynamic loss scale). Megatron-LM's --bf16 / --fp16
+            are --precision bf16 / fp16.
+        seed: random seed of the weights' initialisation (Python, NumPy, torch and
+            megatron-core's model-parallel RNG) and of the data's sample order.
+        log_interval: iterations between training log lines.
+        recompute_granularity: "selective" recomputes the core attention (softmax(QK^T)V:
+            the memory that grows with the sequence squared) in the backward pass; "full"
+            recomputes whole transformer layers (None: no recomputation). Megatron-LM's
+            --recompute-activations is --recompute-granularity selective.
+        recompute_method: with "full": "uniform" checkpoints the layers in groups of
+            recompute_num_layers; "block" recomputes the first recompute_num_layers layers of
+            each pipeline stage and keeps the others' activations.
+        recompute_num_layers: layers per group ("uniform") or per stage ("block").
     """
 
     micro_batch_size: int = 4
@@ -402,7 +464,7 @@ class TrainConfig:
     min_lr: float = 3e-5
     lr_warmup_iters: int = 0
     lr_decay_style: str = "cosine"
-    lr_decay_iters: int | None = None  # None: train_iters
+    lr_decay_iters: int | None = None
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95

@@ -76,7 +76,7 @@ def load_model_weights(chunks: list, run, ctx, log) -> int | None:
 def main(argv=None, log=None) -> dict:
     from megatron_tempnet.data.datasets import build_datasets, build_micro_batch_iterator
     from megatron_tempnet.parallel import shutdown
-    from megatron_tempnet.training.ddp import wrap_ddp
+    from megatron_tempnet.training.ddp import ddp_options, wrap_chunks
     from megatron_tempnet.training.evaluate import evaluate
     from megatron_tempnet.training.stage import build_stage, report_spec, start
 
@@ -98,8 +98,7 @@ def main(argv=None, log=None) -> dict:
                                          num_workers=run.data.num_workers,
                                          vocab_size=tokenizer.vocab_size)
 
-    chunks = [wrap_ddp(build_stage(run, ctx),
-                       use_distributed_optimizer=par.use_distributed_optimizer)]
+    chunks = wrap_chunks(build_stage(run, ctx), **ddp_options(par))
     iteration = load_model_weights(chunks, run, ctx, log)
 
     metrics = evaluate(chunks, batches, eval_cfg.eval_iters, ctx, seq_length=tr.seq_length,

@@ -34,7 +34,7 @@ from megatron_tempnet.training.run_control import (EXIT_CODE_DIVERGED, EXIT_CODE
                                                    EXIT_CODE_TIME_LIMIT, RunControl,
                                                    TrainingDiverged)
 from megatron_tempnet.training.run_record import run_record
-from megatron_tempnet.training.ddp import wrap_ddp
+from megatron_tempnet.training.ddp import ddp_options, wrap_chunks
 from megatron_tempnet.training.evaluate import EvalCallback
 from megatron_tempnet.training.flops import flops_per_token, peak_flops
 from megatron_tempnet.training.loop import TrainLoop, TrainState
@@ -134,16 +134,18 @@ def build(run: RunConfig, start_time: float | None = None,
                                    vocab_size=tokenizer.vocab_size)
         for d in (train_ds, valid_ds))
 
-    model, spec = build_stage(run, ctx), report_spec(run)
+    models, spec = build_stage(run, ctx), report_spec(run)
     if ctx.rank == 0:
-        n = sum(p.numel() for p in model.parameters())
+        n = sum(p.numel() for model in models for p in model.parameters())
+        vp = f" VP={par.virtual_size}" if par.virtual_size > 1 else ""
         log(f"model {run.model.family}: {n:,} parameters on this stage "
-            f"(TP={ctx.tp_size} PP={ctx.pp_size} DP={ctx.dp_size}), loss "
+            f"(TP={ctx.tp_size} PP={ctx.pp_size}{vp} DP={ctx.dp_size}"
+            f"{' SP' if par.sequence_parallel else ''}), loss "
             f"{run.tempnet.loss_mode}, mode {run.tempnet.training_mode}")
     if ds.deepspeed:
-        chunks, optimizer, scheduler, step, checkpointer = _deepspeed(run, model, ctx, spec)
+        chunks, optimizer, scheduler, step, checkpointer = _deepspeed(run, models[0], ctx, spec)
     else:
-        chunks = [wrap_ddp(model, use_distributed_optimizer=par.use_distributed_optimizer)]
+        chunks = wrap_chunks(models, **ddp_options(par))
         optimizer = build_optimizer(chunks, tr, tempnet_cfg=run.tempnet,
                                     use_distributed_optimizer=par.use_distributed_optimizer)
         scheduler = build_scheduler(optimizer, tr)

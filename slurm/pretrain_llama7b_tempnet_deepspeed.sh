@@ -28,7 +28,9 @@ set -euo pipefail
 : "${CHECKPOINT_DIR:?set CHECKPOINT_DIR to the checkpoint directory (saved to, resumed from)}"
 RUN_CONFIG=${RUN_CONFIG:-configs/runs/llama2-7b-tempnet.yaml}
 DEEPSPEED_CONFIG=${DEEPSPEED_CONFIG:-configs/deepspeed/zero1.json}
-EXTRA_ARGS=(--deepspeed --deepspeed_config "$DEEPSPEED_CONFIG")
+# The 7B run config turns on megatron-core's sequence parallelism, which the DeepSpeed engine
+# path does not run (its gradient reduction skips the norms' tensor-parallel sum): off here.
+EXTRA_ARGS=(--deepspeed --deepspeed_config "$DEEPSPEED_CONFIG" --sequence-parallel false)
 SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
 
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}

@@ -4,12 +4,17 @@
     python tools/estimate.py --config configs/runs/llama2-7b-tempnet.yaml --nodes 4
     python tools/estimate.py --model llama2-13b --tensor-model-parallel-size 4 \\
         --micro-batch-size 1 --global-batch-size 1024 --seq-length 4096 --precision bf16 \\
-        --tempnet-loss-mode tempnet_dro --world-size 64 --sequence-parallel
+        --tempnet-loss-mode tempnet_dro --world-size 64 --sequence-parallel \\
+        --recompute-granularity full --recompute-method block --recompute-num-layers 4
     python tools/estimate.py --model llama2-7b --params-only      # exact parameter count
 
-The run is parsed by the trainer's own parser (megatron_tempnet.arguments), so every training
-flag is accepted and means what it means to the trainer. The options below describe what the
-run YAML does not hold: how many GPUs, and the layout knobs the trainer does not expose yet.
+The run is parsed by the trainer's own parser (megatron_tempnet.arguments) and checked by its
+``resolve`` for the world size, so every training flag is accepted and means what it means to
+the trainer: the layout (--tensor-model-parallel-size, --pipeline-model-parallel-size,
+--virtual-pipeline-model-parallel-size, --sequence-parallel) and the recomputation
+(--recompute-granularity, --recompute-method, --recompute-num-layers) come from the run YAML's
+``parallel:`` / ``train:`` sections or these flags. The options below describe what the run
+does not hold: how many GPUs, which attention kernel, the GPU and the assumptions.
 The arithmetic and its assumptions: megatron_tempnet/experiments/estimate.py; the layouts it
 justifies: docs/parallel_layouts.md.
 """
@@ -21,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_tempnet.arguments import parse_args  # noqa: E402
+from megatron_tempnet.arguments import parse_args, resolve  # noqa: E402
+from megatron_tempnet.config import ConfigError  # noqa: E402
 from megatron_tempnet.experiments.estimate import (ACTIVATION_MARGIN,  # noqa: E402
                                                    H100_BF16_DENSE_TFLOPS, H100_MEMORY_GIB,
                                                    count_parameters, explain, layout_from_run)
@@ -36,14 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--nodes", type=int, help="number of nodes (x --gpus-per-node GPUs)")
     where.add_argument("--world-size", type=int, help="number of GPUs")
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--sequence-parallel", action="store_true",
-                   help="assume Megatron sequence parallelism (divides the replicated "
-                        "activations by TP)")
-    p.add_argument("--recompute", default="none", choices=("none", "selective", "full"),
-                   help="activation recomputation to assume (default: none)")
-    p.add_argument("--attention", default="flash", choices=("flash", "unfused"),
-                   help="flash: Transformer Engine / flash-attn on GPU (no s x s tensors); "
-                        "unfused: megatron-core's local spec (CPU)")
+    p.add_argument("--attention", choices=("flash", "unfused"),
+                   help="flash: Transformer Engine / PyTorch SDPA on GPU (no s x s tensors); "
+                        "unfused: megatron-core's DotProductAttention (default: unfused for "
+                        "--attention-backend local, else flash)")
     p.add_argument("--gpu-memory-gib", type=float, default=H100_MEMORY_GIB,
                    help=f"memory of one GPU (default: H100 80GB = {H100_MEMORY_GIB:.1f} GiB)")
     p.add_argument("--reserve-gib", type=float, default=4.0,
@@ -81,8 +83,12 @@ def main(argv=None) -> int:
             print(f"  PP stage {stage}: {n:,} parameters per TP rank")
         return 0
     world = args.world_size or (args.nodes or 1) * args.gpus_per_node
-    layout = layout_from_run(run, world, sequence_parallel=args.sequence_parallel,
-                             recompute=args.recompute, attention=args.attention)
+    try:
+        resolve(run, world)  # the trainer's own checks of the layout, batch and recomputation
+        layout = layout_from_run(run, world, attention=args.attention)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(explain(run.model, layout, run.tempnet, name=name, reserve_gib=args.reserve_gib,
                   capacity_gib=args.gpu_memory_gib, mfu=args.mfu, peak_tflops=args.peak_tflops,
                   activation_margin=args.activation_margin))

@@ -9,7 +9,8 @@ model (tests/unit/test_estimate.py checks the exact parts against built models):
   vocabulary padded to a multiple of ``make_vocab_size_divisible_by x TP`` (so the count depends
   on TP), grouped-query attention, SwiGLU, tied/untied output layer (a tied output layer under
   PP > 1 is a second copy on the last stage), and TempNet's head (tempnet/head.py:
-  w1 [M, V/tp], b1 [M], w2 [M, M], b2 [M], pool_scale [], pool_w [M], pool_c []).
+  w1 [M, V/tp], b1 [M], w2 [M, M], b2 [M], pool_scale [], pool_w [M], pool_c []). Virtual
+  pipeline stages split a rank's layers into chunks; the rank's parameters stay the same.
 * Weights, gradients, optimizer states: exact bytes per parameter for megatron-core's DDP and
   optimizers as ``training/ddp.py`` / ``training/optim.py`` configure them (gradients reduced in
   fp32, so 4 bytes each; Adam moments in fp32; an fp32 master copy when the parameters are 16-bit;
@@ -18,18 +19,23 @@ model (tests/unit/test_estimate.py checks the exact parts against built models):
 * Activations: a model, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
   Transformer Models"), sbh(34 + 5as/h) bytes per layer for GPT with dropout, generalised term by
   term to grouped-query attention, SwiGLU, no dropout and flash attention (see
-  :func:`layer_activation_bytes`); with TP/SP divisions, selective or full recomputation, and the
-  1F1B pipeline's in-flight micro-batches. Plus the last stage's logits/loss/TempNet tensors.
-  Allocator fragmentation, NCCL buffers, the CUDA context and workspaces are one ``reserve``.
+  :func:`layer_activation_bytes`); with its TP and sequence-parallel (SP) divisions, selective
+  or full (uniform / block) recomputation (:func:`chunk_activation_bytes`), and the micro-batches
+  the 1F1B pipeline, plain or interleaved, keeps in flight (:func:`in_flight_chunks`). Plus the
+  last stage's logits/loss/TempNet tensors. Allocator fragmentation, NCCL buffers, the CUDA
+  context and workspaces are one ``reserve``.
 * FLOPs: matmul FLOPs as Megatron-LM counts them (attention over the full s x s square), forward
-  + 2x backward, + 1 forward with full recomputation; TempNet's W1 has no input gradient
-  (its input is detached), so it costs 2 x forward.
+  + 2x backward, + 1 forward of every recomputed layer (full) or attention core (selective);
+  TempNet's W1 has no input gradient (its input is detached), so it costs 2 x forward. The
+  pipeline bubble, (PP - 1) / (VP x m) of a step (Narayanan et al. 2021), is reported apart.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
-from megatron_tempnet.config import ConfigError, ModelConfig
+from megatron_tempnet.config import RECOMPUTE_METHODS, ConfigError, ModelConfig
 from megatron_tempnet.training.flops import flops_per_token, layer_forward_flops
 
 GiB = 1024**3
@@ -41,14 +47,23 @@ RECOMPUTE = ("none", "selective", "full")
 # local spec + SDPA (tests/unit/test_estimate.py: 1.37x for tiny LLaMA): RoPE'd copies of Q and
 # K keep the fused QKV output alive, unfused SwiGLU keeps a third [s, b, f] tensor, reshapes keep
 # [s, b, h] copies. Transformer Engine's layers are not measured (no GPU here): the margin is
-# applied to every layer's activations in the memory estimate.
+# applied to every layer whose activations are kept (and to the layers being recomputed), not
+# to the single [s, b, h] input a fully recomputed layer keeps (that tensor is exact).
 ACTIVATION_MARGIN = 1.4
 ATTENTION = ("flash", "unfused")
 
 
 @dataclass
 class Layout:
-    """How one run is laid out over GPUs (the knobs of docs/parallel_layouts.md)."""
+    """How one run is laid out over GPUs (the knobs of docs/parallel_layouts.md).
+
+    recompute: "none"; "selective" (the core attention of every layer: megatron-core's
+    ``--recompute-granularity selective``); "full" (whole layers, by ``recompute_method``:
+    "uniform" checkpoints every model chunk's layers in groups of ``recompute_num_layers``,
+    "block" checkpoints the first ``recompute_num_layers`` layers of every chunk and keeps the
+    others' activations; None: uniform with 1 layer per group). vp: model chunks per pipeline
+    rank (``--virtual-pipeline-model-parallel-size``, the interleaved 1F1B schedule; 1: off).
+    """
 
     tp: int = 1
     pp: int = 1
@@ -59,12 +74,18 @@ class Layout:
     precision: str = "bf16"
     distributed_optimizer: bool = True
     sequence_parallel: bool = False
-    recompute: str = "none"  # "none" | "selective" (attention scores) | "full" (every layer)
+    recompute: str = "none"  # "none" | "selective" (core attention) | "full" (whole layers)
+    recompute_method: str | None = None  # "full" only: "uniform" | "block" (None: uniform)
+    recompute_num_layers: int | None = None  # "full" only: per group / per chunk (None: 1)
+    vp: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
     attention: str = "flash"  # "flash" (TE / flash-attn on GPU) | "unfused" (local spec, CPU)
 
     def validate(self, model: ModelConfig) -> "Layout":
+        """The estimator's own checks, in the trainer's words (arguments.resolve and
+        ParallelConfig / TrainConfig.validate refuse the same layouts)."""
         if self.recompute not in RECOMPUTE:
-            raise ConfigError(f"--recompute {self.recompute!r}: choose one of {RECOMPUTE}")
+            raise ConfigError(f"--recompute-granularity {self.recompute!r}: choose one of "
+                              f"{RECOMPUTE}")
         if self.attention not in ATTENTION:
             raise ConfigError(f"--attention {self.attention!r}: choose one of {ATTENTION}")
         if self.precision not in PARAM_BYTES:
@@ -74,7 +95,30 @@ class Layout:
             raise ConfigError(
                 f"--global-batch-size {self.global_batch_size} is not divisible by "
                 f"--micro-batch-size {self.micro_batch_size} x data-parallel size {self.dp}")
+        if self.sequence_parallel and self.tp < 2:
+            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size >= 2")
+        if self.recompute != "full" and (self.recompute_method is not None
+                                         or self.recompute_num_layers is not None):
+            raise ConfigError("--recompute-method / --recompute-num-layers apply to "
+                              "--recompute-granularity full only")
+        if self.recompute_method is not None and self.recompute_method not in RECOMPUTE_METHODS:
+            raise ConfigError(f"--recompute-method {self.recompute_method!r}: choose one of "
+                              f"{list(RECOMPUTE_METHODS)}")
+        if self.vp < 1 or (self.vp > 1 and self.pp < 2):
+            raise ConfigError(f"--virtual-pipeline-model-parallel-size {self.vp} needs "
+                              "--pipeline-model-parallel-size >= 2")
         model.validate(self.tp, self.pp)
+        per_stage = model.num_layers // self.pp
+        if per_stage % self.vp:
+            raise ConfigError(f"--virtual-pipeline-model-parallel-size {self.vp} does not divide "
+                              f"the {per_stage} layers of each pipeline stage")
+        if self.recompute == "full" and not 1 <= self.full_layers <= per_stage // self.vp:
+            raise ConfigError(f"--recompute-num-layers {self.full_layers}: choose 1 to the "
+                              f"{per_stage // self.vp} layers of each model chunk")
+        if self.vp > 1 and self.num_microbatches % self.pp:
+            raise ConfigError(f"the interleaved pipeline needs the micro-batches per step "
+                              f"({self.num_microbatches}) to be a multiple of "
+                              f"--pipeline-model-parallel-size {self.pp}")
         return self
 
     @property
@@ -84,6 +128,16 @@ class Layout:
     @property
     def num_microbatches(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    @property
+    def full_method(self) -> str:
+        """"uniform" or "block" (full recomputation; uniform when not given)."""
+        return self.recompute_method or "uniform"
+
+    @property
+    def full_layers(self) -> int:
+        """Layers per recompute group (uniform) or per chunk (block); 1 when not given."""
+        return self.recompute_num_layers or 1
 
 
 # ----------------------------------------------------------------------------------- parameters
@@ -186,7 +240,9 @@ def state_bytes_per_param(precision: str, dp: int, distributed_optimizer: bool) 
 
 # -------------------------------------------------------------------------------- activations
 def layer_activation_bytes(cfg: ModelConfig, layout: Layout) -> dict:
-    """Stored activations of one transformer layer for one micro-batch on one GPU (bytes).
+    """Stored activations of one transformer layer for one micro-batch on one GPU (bytes), the
+    layer not recomputed (``layout.recompute`` "none" or "selective"; full recomputation is
+    :func:`chunk_activation_bytes`'s business).
 
     Korthikanti et al. 2022, Sec. 4, counts 16-bit tensors saved for the backward (per layer,
     s tokens x b sequences, hidden h, a heads, TP t):
@@ -194,15 +250,22 @@ def layer_activation_bytes(cfg: ModelConfig, layout: Layout) -> dict:
                                      mask as^2b and output 2as^2b, projection input 2, mask 1)
         MLP:       19sbh            (input 2, GeLU input 8, GeLU output 8, dropout mask 1)
         norms:      4sbh
-    = sbh(34 + 5as/h). Without SP the norm/QKV/fc1 inputs and dropout masks (10sbh) are
-    replicated on every TP rank and the rest is divided by t; with SP everything is divided by t.
+    and divides them over TP and SP as follows:
+        no TP, no SP:       sbh (34 + 5as/h)
+        TP t:               sbh (10 + 24/t + 5as/(ht))   (norm/QKV/fc1 inputs and the dropout
+                                                          masks, 10sbh, on every TP rank)
+        TP t + SP:          sbh (34/t + 5as/(ht))        (everything / t)
+        selective recompute: the same without 5as/(ht)  (the s x s attention core is recomputed)
     Generalised here, term by term: K and V scale with query groups / heads (GQA; flash only,
     megatron-core's unfused attention expands them to every head); the MLP keeps
     4 x [s, b, f] tensors for SwiGLU (fc1 output holding gate and up, silu(gate), their product)
     and 2 x [s, b, f] for GeLU; dropout masks exist only with dropout > 0; "flash" attention keeps
-    no s x s tensor (only the fp32 log-sum-exp [a, s, b]); selective recomputation drops the s x s
-    terms; the tensors scale with the activation dtype (fp32 doubles them).
-    Returns {"replicated", "split", "scores", "total"} in bytes.
+    no s x s tensor, only the fp32 log-sum-exp [a, s, b] (4as b bytes, / t), which is then the
+    attention-core term selective recomputation drops; the tensors scale with the activation
+    dtype (fp32 doubles them). For LLaMA (SwiGLU, no dropout) with flash attention that is
+        sbh (8 + 2(1 + 2g/a) + 2 + 8f/h) / t + 4asb / t      (TP t + SP; 8 not / t without SP)
+    Returns {"replicated", "split", "scores", "total"} in bytes (replicated: the part SP
+    divides by t; split: divided by t under TP alone; scores: the attention core).
     """
     s, b, h = layout.seq_length, layout.micro_batch_size, cfg.hidden_size
     a, d, g, f = cfg.num_attention_heads, cfg.head_dim, cfg.num_query_groups, cfg.ffn_hidden_size
@@ -221,46 +284,117 @@ def layer_activation_bytes(cfg: ModelConfig, layout: Layout) -> dict:
     else:
         per = 2 * e + (1 + 2 * e if cfg.attention_dropout > 0 else 0)  # softmax (+mask, +out)
         scores = per * a * s * s * b
-        if layout.recompute == "selective":
-            scores = 0
+    if layout.recompute == "selective":
+        scores = 0
     t = layout.tp
     rep = replicated / t if layout.sequence_parallel else replicated
     total = rep + split / t + scores / t
     return {"replicated": rep, "split": split / t, "scores": scores / t, "total": total}
 
 
+def chunk_activation_bytes(cfg: ModelConfig, layout: Layout,
+                           margin: float = ACTIVATION_MARGIN) -> dict:
+    """What one model chunk (Lc = L / (PP x VP) layers: a pipeline stage, or one of its VP
+    virtual stages) keeps for one micro-batch, in bytes; A = ``margin`` x
+    :func:`layer_activation_bytes` (one layer's activations), X = 2sbh (/ t with SP: one
+    [s, b, h] input, checkpointed exactly, no margin).
+
+        none, selective:  stored Lc A                   working 0 (selective: one layer's
+                                                        attention core, rematerialised)
+        full uniform N:   stored ceil(Lc / N) X         working N A   (every layer recomputed,
+                                                                       one group of N at a time)
+        full block N:     stored N X + (Lc - N) A       working A     (the first N layers of the
+                                                                       chunk recomputed)
+    "working" is held once per GPU (the layer(s) being recomputed in the backward), "stored"
+    once per micro-batch in flight. Returns {"per_layer" (A), "checkpoint" (X), "layers" (Lc),
+    "checkpointed", "kept" (layers with full activations), "stored", "working",
+    "recomputed_layers" (layers whose forward runs twice)}.
+    """
+    s, b, h, t = layout.seq_length, layout.micro_batch_size, cfg.hidden_size, layout.tp
+    e = PARAM_BYTES[layout.precision] / 2
+    layers = cfg.num_layers // (layout.pp * layout.vp)
+    per_layer = margin * layer_activation_bytes(cfg, layout)["total"]
+    checkpoint = e * 2 * s * b * h / (t if layout.sequence_parallel else 1)
+    if layout.recompute == "full":
+        n = min(layout.full_layers, layers)
+        if layout.full_method == "uniform":
+            checkpointed, kept, recomputed = math.ceil(layers / n), 0, layers
+            working = n * per_layer
+        else:  # block
+            checkpointed, kept, recomputed = n, layers - n, n
+            working = per_layer
+    else:
+        checkpointed, kept, recomputed = 0, layers, 0
+        working = 0.0
+        if layout.recompute == "selective":
+            none = dataclasses.replace(layout, recompute="none")
+            working = margin * layer_activation_bytes(cfg, none)["scores"]
+    stored = checkpointed * checkpoint + kept * per_layer
+    return {"per_layer": per_layer, "checkpoint": checkpoint, "layers": layers,
+            "checkpointed": checkpointed, "kept": kept, "stored": stored, "working": working,
+            "recomputed_layers": recomputed}
+
+
+def in_flight_chunks(layout: Layout, stage: int) -> int:
+    """Chunk forward passes (one model chunk, one micro-batch) whose activations pipeline rank
+    ``stage`` holds at its peak under megatron-core's schedules, m = micro-batches per step:
+
+        1F1B (VP = 1):      min(PP - stage, m)          (the first stage: PP micro-batches, its
+                                                         L/PP layers each: L layers in all)
+        interleaved (VP):   min(2(PP - stage - 1) + (VP - 1) PP + 1, m VP)
+                            (get_pp_rank_microbatches: the warm-up forwards + 1)
+    so the first stage holds (2(PP - 1) + (VP - 1) PP + 1) x L/(PP VP) = L (1 + (PP-1)/(PP VP))
+    layers' activations: (1 + (PP - 1)/(PP VP)) x what 1F1B holds there (Korthikanti et al.
+    2022). The last stage holds one micro-batch under 1F1B and (VP - 1) PP + 1
+    chunks interleaved (its last chunk, with the loss, one micro-batch).
+    """
+    p, v, m = layout.pp, layout.vp, layout.num_microbatches
+    if v == 1:
+        return min(p - stage, m)
+    warmup = 2 * (p - stage - 1) + (v - 1) * p
+    return m * v if warmup >= m * v else warmup + 1
+
+
+def pipeline_bubble(layout: Layout) -> float:
+    """Idle fraction of a step on every pipeline rank, relative to the ideal compute time:
+    (PP - 1) / (VP x m) (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training
+    on GPU Clusters": 1F1B (PP - 1)/m, interleaved / VP); 0 without a pipeline."""
+    return (layout.pp - 1) / (layout.vp * layout.num_microbatches) if layout.pp > 1 else 0.0
+
+
 def activation_bytes(cfg: ModelConfig, layout: Layout, tempnet=None,
                      margin: float = ACTIVATION_MARGIN) -> dict:
     """Activations on the first and the last pipeline stage (the two extremes), in bytes.
 
-    1F1B keeps min(pp - stage, num_microbatches) micro-batches in flight on a stage (the first
-    stage holds pp of them, the last one); each holds L/pp layers. Full recomputation keeps only
-    each layer's input (2sbh, / t with SP) and rematerialises one layer at a time in the
-    backward. With a frozen LM nothing upstream of TempNet needs a gradient, so the LM keeps no
-    activations (one layer's forward working set at a time). The last stage adds the output
-    layer's and final norm's inputs and the loss (``loss_and_tempnet``): CE keeps the fp32
-    softmax [s, b, V/t] (megatron-core's vocab-parallel CE). The DRO loss depends on
+    A stage holds :func:`in_flight_chunks` x the chunk's stored activations
+    (:func:`chunk_activation_bytes`) + one working set. With a frozen LM nothing upstream of
+    TempNet needs a gradient, so the LM keeps no activations (one layer's forward working set
+    at a time). The last stage adds the output layer's and final norm's inputs and the loss
+    (``loss_and_tempnet``, for one micro-batch: the chunk holding the loss runs forward and
+    backward back to back): CE keeps the fp32 softmax [s, b, V/t] (megatron-core's
+    vocab-parallel CE). The DRO loss depends on
     ``--dro-loss-impl`` ("auto" counts as "fused", what a GPU runs): "reference" keeps p_tau
     [s, b, V/t] fp32 (not when the LM is frozen) and holds the logits, z in fp32 and z/tau at its
     forward peak; "fused" keeps only the logits (no copy) and adds their gradient in the
     backward; "fused_linear" never holds more than one [chunk, V/t] logits chunk (Liger's chunk
     rule) plus the output weight's gradient. TempNet keeps the logits themselves for W1's
     gradient (not a copy; its fp32 work is chunked) and ~8 [s, b, M] fp32 tensors.
+    Returns per_layer, first_stage, last_stage, in_flight_first / in_flight_last (micro-batch
+    equivalents: chunks / VP), loss_and_tempnet and the chunk breakdown.
     """
     s, b, h, t = layout.seq_length, layout.micro_batch_size, cfg.hidden_size, layout.tp
     e = PARAM_BYTES[layout.precision] / 2
-    per_layer = margin * layer_activation_bytes(cfg, layout)["total"]
-    layers = cfg.num_layers // layout.pp
+    chunk = chunk_activation_bytes(cfg, layout, margin)
+    per_layer = chunk["per_layer"]
     uses_tempnet = tempnet is not None and tempnet.uses_tempnet
     frozen = uses_tempnet and tempnet.training_mode == "frozen_lm"
-    hidden = e * 2 * s * b * h / (t if layout.sequence_parallel else 1)  # one [s, b, h] tensor
+    hidden = chunk["checkpoint"]  # one [s, b, h] tensor (/ t with SP)
     if frozen:
         stored, working = 0.0, per_layer
-    elif layout.recompute == "full":
-        stored, working = layers * hidden, per_layer
     else:
-        stored, working = layers * per_layer, 0.0
-    in_flight_first = min(layout.pp, layout.num_microbatches)
+        stored, working = chunk["stored"], chunk["working"]
+    first_chunks = in_flight_chunks(layout, 0)
+    last_chunks = in_flight_chunks(layout, layout.pp - 1)
 
     vocab_local = cfg.padded_vocab_size(t) // t
     logits = s * b * vocab_local  # elements of one [s, b, V/t] tensor
@@ -270,10 +404,10 @@ def activation_bytes(cfg: ModelConfig, layout: Layout, tempnet=None,
     if impl == "fused_linear":
         from megatron_tempnet.tempnet.fused_linear import default_chunk_tokens
 
-        chunk = min(s * b, default_chunk_tokens(s * b, vocab_local, h))
+        chunk_tokens = min(s * b, default_chunk_tokens(s * b, vocab_local, h))
         logits_kept = 0  # the logits exist one chunk at a time
         loss_saved = 0 if frozen else e * 2 * vocab_local * h  # d W, formed in the forward
-        transient = (2 * e + (4 if uses_tempnet else 0)) * chunk * vocab_local
+        transient = (2 * e + (4 if uses_tempnet else 0)) * chunk_tokens * vocab_local
     elif impl == "fused":
         logits_kept = 2 * e * logits  # saved by the loss (and TempNet): the tensor, no copy
         loss_saved = 0
@@ -285,9 +419,12 @@ def activation_bytes(cfg: ModelConfig, layout: Layout, tempnet=None,
     tempnet_saved = 4 * 8 * s * b * tempnet.hidden_size if uses_tempnet else 0
     loss_and_tempnet = ((0 if frozen else 2 * hidden) + logits_kept + loss_saved + tempnet_saved
                         + transient)
-    return {"per_layer": per_layer, "first_stage": in_flight_first * stored + working,
-            "last_stage": stored + working, "in_flight_first": in_flight_first,
-            "loss_and_tempnet": loss_and_tempnet}
+    return {"per_layer": per_layer, "first_stage": first_chunks * stored + working,
+            "last_stage": last_chunks * stored + working,
+            "in_flight_first": first_chunks / layout.vp,
+            "in_flight_last": last_chunks / layout.vp,
+            "in_flight_first_chunks": first_chunks, "in_flight_last_chunks": last_chunks,
+            "chunk": chunk, "loss_and_tempnet": loss_and_tempnet}
 
 
 # ------------------------------------------------------------------------------------- memory
@@ -303,6 +440,7 @@ class MemoryEstimate:
     loss_and_tempnet: float
     reserve: float
     capacity: float
+    in_flight: float = 1.0  # micro-batches whose activations that stage holds (chunks / VP)
 
     @property
     def total(self) -> float:
@@ -332,7 +470,8 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, tempnet=None, reserve_gib:
             gradients=n_train * per["gradients"], optimizer=n_train * per["optimizer"],
             activations=acts["last_stage"] if last else acts["first_stage"],
             loss_and_tempnet=acts["loss_and_tempnet"] if last else 0.0,
-            reserve=reserve_gib * GiB, capacity=capacity_gib * GiB))
+            reserve=reserve_gib * GiB, capacity=capacity_gib * GiB,
+            in_flight=acts["in_flight_last"] if last else acts["in_flight_first"]))
     return max(candidates, key=lambda m: m.total)
 
 
@@ -341,8 +480,9 @@ def flops_per_step(cfg: ModelConfig, layout: Layout, tempnet=None) -> dict:
     """Matmul FLOPs of one optimizer step (global batch), Megatron-LM's way.
 
     Model FLOPs come from ``training.flops.flops_per_token`` (the numbers the training log's
-    MFU uses; frozen LM: forward only). Hardware FLOPs add the recomputed forward (full: every
-    layer; selective: the attention scores).
+    MFU uses; frozen LM: forward only). Hardware FLOPs add the recomputed forward: selective,
+    every layer's attention scores; full uniform, every layer; full block N, N layers of each
+    of the PP x VP model chunks. ``bubble``: :func:`pipeline_bubble`.
     """
     s, v = layout.seq_length, cfg.padded_vocab_size(layout.tp)
     uses = tempnet is not None and tempnet.uses_tempnet
@@ -351,12 +491,19 @@ def flops_per_step(cfg: ModelConfig, layout: Layout, tempnet=None) -> dict:
     model = tokens * flops_per_token(cfg, s, vocab_size=v, lm_trains=not frozen,
                                      tempnet_hidden=tempnet.hidden_size if uses else None)
     layer, scores = layer_forward_flops(cfg, s)
-    recompute = {"none": 0, "selective": cfg.num_layers * scores,
-                 "full": cfg.num_layers * layer}[layout.recompute]
+    if layout.recompute == "full":
+        chunks, chunk_layers = layout.pp * layout.vp, cfg.num_layers // (layout.pp * layout.vp)
+        per_chunk = (chunk_layers if layout.full_method == "uniform"
+                     else min(layout.full_layers, chunk_layers))
+        recompute = chunks * per_chunk * layer
+    elif layout.recompute == "selective":
+        recompute = cfg.num_layers * scores
+    else:
+        recompute = 0
     hardware = model + (0 if frozen else tokens * recompute)
     lm_fwd = flops_per_token(cfg, s, vocab_size=v, forward_only=True)
     return {"model": model, "hardware": hardware, "tokens": tokens,
-            "per_token_forward": lm_fwd}
+            "per_token_forward": lm_fwd, "bubble": pipeline_bubble(layout)}
 
 
 # ----------------------------------------------------------------------------------- reporting
@@ -364,11 +511,52 @@ def gib(x: float) -> str:
     return f"{x / GiB:.1f} GiB"
 
 
+def mib(x: float) -> str:
+    return f"{x / 2**20:,.0f} MiB"
+
+
+def describe_recompute(layout: Layout) -> str:
+    """The recomputation in the trainer's flags' words."""
+    if layout.recompute == "full":
+        n = layout.full_layers
+        return (f"full {layout.full_method} {n} ("
+                + (f"every layer, checkpointed in groups of {n}" if layout.full_method == "uniform"
+                   else f"the first {n} layer(s) of each model chunk") + ")")
+    return {"none": "none", "selective": "selective (core attention)"}[layout.recompute]
+
+
+def _activation_note(cfg: ModelConfig, layout: Layout, acts: dict, mem: MemoryEstimate,
+                     tempnet, margin: float) -> str:
+    if tempnet is not None and tempnet.uses_tempnet and tempnet.training_mode == "frozen_lm":
+        return f"frozen LM: one layer's forward, {gib(acts['per_layer'])}"
+    c = acts["chunk"]
+    stage_layers = cfg.num_layers // layout.pp
+    note = f"{mib(acts['per_layer'])} per layer per micro-batch incl. x{margin} margin, "
+    if layout.recompute == "full" and layout.full_method == "uniform":
+        note += (f"{stage_layers} layers recomputed, {c['checkpointed'] * layout.vp} "
+                 f"checkpointed inputs of {mib(c['checkpoint'])}")
+    elif layout.recompute == "full":
+        note += (f"{stage_layers} layers: {c['checkpointed'] * layout.vp} recomputed "
+                 f"(inputs of {mib(c['checkpoint'])}), {c['kept'] * layout.vp} kept")
+    else:
+        note += f"{stage_layers} layers"
+    chunks = (acts["in_flight_last_chunks"] if mem.stage in ("last", "only")
+              else acts["in_flight_first_chunks"])
+    if mem.in_flight != 1:
+        note += f" x {mem.in_flight:g} micro-batches in flight"
+        if layout.vp > 1:
+            note += f" ({chunks} chunks of {c['layers']} layers)"
+    if c["working"]:
+        note += f" + {mib(c['working'])} being recomputed"
+    return note
+
+
 def explain(cfg: ModelConfig, layout: Layout, tempnet=None, name: str = "run",
             reserve_gib: float = 4.0, capacity_gib: float = H100_MEMORY_GIB,
             mfu: float = 0.4, peak_tflops: float = H100_BF16_DENSE_TFLOPS,
             activation_margin: float = ACTIVATION_MARGIN) -> str:
-    """A plain-words report: parameters, memory per GPU term by term, the verdict, FLOPs."""
+    """A plain-words report: parameters, memory per GPU term by term, the verdict, FLOPs and
+    the pipeline bubble."""
     counts = count_parameters(cfg, tempnet, layout.tp, layout.pp)
     counts1 = count_parameters(cfg, tempnet, 1, 1)
     mem = estimate_memory(cfg, layout, tempnet, reserve_gib, capacity_gib, activation_margin)
@@ -378,6 +566,7 @@ def explain(cfg: ModelConfig, layout: Layout, tempnet=None, name: str = "run",
     lay = layout
     loss_impl = ("megatron-core's CE" if tempnet is None or tempnet.loss_mode == "ce"
                  else f"--dro-loss-impl {tempnet.dro_loss_impl}")
+    step_s = fl["model"] / (mfu * peak_tflops * 1e12 * lay.world_size)
     lines = [
         f"## {name}",
         f"layout: TP={lay.tp} PP={lay.pp} DP={lay.dp} ({lay.world_size} GPUs), micro-batch "
@@ -385,7 +574,8 @@ def explain(cfg: ModelConfig, layout: Layout, tempnet=None, name: str = "run",
         f"({lay.num_microbatches} micro-batches per DP rank per step), seq {lay.seq_length}, "
         f"{lay.precision}, distributed optimizer {'on' if lay.distributed_optimizer else 'off'}, "
         f"sequence parallel {'on' if lay.sequence_parallel else 'off'}, recompute "
-        f"{lay.recompute}, attention {lay.attention}",
+        f"{describe_recompute(lay)}, virtual pipeline "
+        f"{lay.vp if lay.vp > 1 else 'off'}, attention {lay.attention}",
         f"parameters: {counts.total:,} at TP={lay.tp} (padded vocabulary "
         f"{counts.padded_vocab_size}); {counts1.total:,} at TP=1; TempNet head "
         f"{counts.tempnet:,}",
@@ -397,13 +587,7 @@ def explain(cfg: ModelConfig, layout: Layout, tempnet=None, name: str = "run",
         f"Adam m, v{' + fp32 master' if per['weights'] < 4 else ''}"
         f"{f' / DP {lay.dp}' if lay.distributed_optimizer else ', not sharded'})",
         f"  activations {gib(mem.activations):>10}  ("
-        + (f"frozen LM: one layer's forward, {gib(acts['per_layer'])}"
-           if tempnet is not None and tempnet.uses_tempnet
-           and tempnet.training_mode == "frozen_lm" else
-           f"{gib(acts['per_layer'])} per layer per micro-batch incl. x{activation_margin} "
-           f"margin, {cfg.num_layers // lay.pp} layers"
-           + (f" x {acts['in_flight_first']} micro-batches in flight"
-              if mem.stage == "first" else "")) + ")",
+        + _activation_note(cfg, lay, acts, mem, tempnet, activation_margin) + ")",
         f"  loss+TempNet{gib(mem.loss_and_tempnet):>10}  (logits and loss tensors [s, b, V/t] "
         f"for {loss_impl}, TempNet)",
         f"  reserve     {gib(mem.reserve):>10}  (CUDA context, NCCL buffers, fragmentation)",
@@ -414,11 +598,15 @@ def explain(cfg: ModelConfig, layout: Layout, tempnet=None, name: str = "run",
         "why: " + verdict(mem, lay),
         f"FLOPs per step: {fl['model'] / 1e15:,.1f} PFLOP model, {fl['hardware'] / 1e15:,.1f} "
         f"PFLOP hardware ({fl['tokens']:,} tokens); at {mfu:.0%} MFU of "
-        f"{peak_tflops:.0f} TFLOP/s per GPU: "
-        f"{fl['model'] / (mfu * peak_tflops * 1e12 * lay.world_size):.2f} s/step, "
-        f"{fl['tokens'] / (fl['model'] / (mfu * peak_tflops * 1e12 * lay.world_size)):,.0f} "
-        f"tokens/s",
+        f"{peak_tflops:.0f} TFLOP/s per GPU: {step_s:.2f} s/step, "
+        f"{fl['tokens'] / step_s:,.0f} tokens/s",
     ]
+    if lay.pp > 1:
+        lines.append(
+            f"pipeline bubble: (PP-1)/(VP x m) = {lay.pp - 1}/({lay.vp} x "
+            f"{lay.num_microbatches}) = {fl['bubble']:.2%} of the compute time idle on every "
+            f"stage ({'interleaved' if lay.vp > 1 else 'plain'} 1F1B; an MFU figure includes "
+            "it)")
     return "\n".join(lines)
 
 
@@ -432,27 +620,48 @@ def verdict(mem: MemoryEstimate, layout: Layout) -> str:
     if mem.fits:
         return (f"{big} dominate ({share:.0%} of the total); the sum stays below the "
                 f"{gib(mem.capacity)} of one GPU.")
-    hint = ("raise TP or PP (fewer parameters per GPU) or DP with the distributed optimizer"
-            if big.startswith("model") else
-            "use sequence parallelism, (full) activation recomputation or a smaller micro-batch")
+    if big.startswith("model"):
+        hint = "raise TP or PP (fewer parameters per GPU) or DP with the distributed optimizer"
+    else:
+        options = []
+        if layout.tp > 1 and not layout.sequence_parallel:
+            options.append("--sequence-parallel")
+        if layout.recompute == "none" and layout.attention == "unfused":
+            options.append("--recompute-granularity selective")
+        if layout.recompute != "full":
+            options.append("--recompute-granularity full --recompute-method block|uniform "
+                           "--recompute-num-layers N")
+        options.append("a smaller micro-batch")
+        hint = "use " + ", ".join(options[:-1]) + (" or " if options[:-1] else "") + options[-1]
     return f"{big} alone take {gib(terms[big])} ({share:.0%}); {hint}."
 
 
-def layout_from_run(run, world_size: int, *, sequence_parallel: bool = False,
-                    recompute: str = "none", attention: str = "flash") -> Layout:
-    """A Layout from a parsed RunConfig (arguments.parse_args) on ``world_size`` GPUs."""
-    tp, pp = run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size
+def layout_from_run(run, world_size: int, *, attention: str | None = None) -> Layout:
+    """A Layout from a parsed RunConfig (arguments.parse_args) on ``world_size`` GPUs: TP, PP,
+    VP, sequence parallelism and recomputation as the run sets them (its ``parallel:`` and
+    ``train:`` sections or their flags). ``attention`` None: "unfused" for
+    ``--attention-backend local`` (megatron-core's DotProductAttention), else "flash"
+    (Transformer Engine, or PyTorch SDPA's flash kernel on a GPU). ``arguments.resolve(run,
+    world_size)`` checks the rest of the run."""
+    par, tr = run.parallel, run.train
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     if world_size % (tp * pp):
         raise ConfigError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
     return Layout(tp=tp, pp=pp, dp=world_size // (tp * pp),
-                  micro_batch_size=run.train.micro_batch_size,
-                  global_batch_size=run.train.global_batch_size,
-                  seq_length=run.train.seq_length, precision=run.train.precision,
-                  distributed_optimizer=run.parallel.use_distributed_optimizer,
-                  sequence_parallel=sequence_parallel, recompute=recompute, attention=attention)
+                  micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size,
+                  seq_length=tr.seq_length, precision=tr.precision,
+                  distributed_optimizer=par.use_distributed_optimizer,
+                  sequence_parallel=par.sequence_parallel,
+                  recompute=tr.recompute_granularity or "none",
+                  recompute_method=tr.recompute_method,
+                  recompute_num_layers=tr.recompute_num_layers, vp=par.virtual_size,
+                  attention=attention or ("unfused" if run.model.attention_backend == "local"
+                                          else "flash"))
 
 
 __all__ = ["Layout", "ParamCount", "MemoryEstimate", "count_parameters", "layer_params",
            "tempnet_params", "state_bytes_per_param", "layer_activation_bytes",
+           "chunk_activation_bytes", "in_flight_chunks", "pipeline_bubble",
            "activation_bytes", "estimate_memory", "ACTIVATION_MARGIN", "flops_per_step",
-           "explain", "verdict", "layout_from_run", "GiB", "H100_MEMORY_GIB"]
+           "describe_recompute", "explain", "verdict", "layout_from_run", "GiB",
+           "H100_MEMORY_GIB"]

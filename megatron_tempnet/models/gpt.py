@@ -67,19 +67,37 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelContext,
 def layer_spec(cfg: ModelConfig, use_transformer_engine: bool | None = None):
     """Transformer Engine spec when importable on a GPU; otherwise megatron-core's local spec
     with ``cfg.attention_backend`` as core attention: "sdpa" (PyTorch SDPA, models/specs.py) or
-    "local" (megatron-core's unfused DotProductAttention)."""
+    "local" (megatron-core's unfused DotProductAttention), and the norms of models/specs.py
+    (sequence-parallel aware)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    from megatron_tempnet.models.specs import get_gpt_layer_sdpa_spec
+    from megatron_tempnet.models.specs import local_layer_spec
 
     if use_transformer_engine is None:
         use_transformer_engine = torch.cuda.is_available() and _te_importable()
     if use_transformer_engine:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     norm = "RMSNorm" if cfg.family == "llama" else "LayerNorm"
-    if cfg.attention_backend == "sdpa":
-        return get_gpt_layer_sdpa_spec(normalization=norm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=norm)
+    return local_layer_spec(norm, sdpa=cfg.attention_backend == "sdpa")
+
+
+def scale_options(parallel_cfg, train_cfg) -> dict:
+    """The TransformerConfig options of a run's parallel layout and memory settings
+    (ParallelConfig: sequence parallelism, virtual pipeline; TrainConfig: recomputation).
+
+    The interleaved schedule on 2 pipeline ranks sends activations and gradients between the
+    same two ranks at once; megatron-core's batched point-to-point calls would post them in an
+    order that pairs a gradient with an activation receive (tensors of one shape: silently
+    wrong, measured on gloo), so there the unbatched calls (one communicator per direction) are
+    used."""
+    vp = parallel_cfg.virtual_size
+    interleaved_on_two = vp > 1 and parallel_cfg.pipeline_model_parallel_size == 2
+    return dict(sequence_parallel=parallel_cfg.sequence_parallel,
+                virtual_pipeline_model_parallel_size=vp if vp > 1 else None,
+                batch_p2p_comm=not interleaved_on_two,
+                recompute_granularity=train_cfg.recompute_granularity,
+                recompute_method=train_cfg.recompute_method,
+                recompute_num_layers=train_cfg.recompute_num_layers)
 
 
 def _te_importable() -> bool:
@@ -90,21 +108,48 @@ def _te_importable() -> bool:
     return True
 
 
+def block_spec(layer, config, vp_stage: int | None):
+    """The transformer block of this stage (or model chunk): ``layer`` repeated, and the final
+    norm of models/specs.py."""
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    from megatron_tempnet.models.specs import TorchNorm
+
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=TorchNorm)
+
+
 def build_model(cfg: ModelConfig, parallel: ParallelContext, *,
                 params_dtype: torch.dtype = torch.float32, use_transformer_engine=None,
-                model_cls=None, **model_kwargs):
-    """This rank's stage of the model (first stage embeds, last stage has the output layer)."""
+                model_cls=None, options: dict | None = None, vp_stage: int | None = None,
+                **model_kwargs):
+    """This rank's stage of the model (first stage embeds, last stage has the output layer);
+    with the interleaved pipeline, its model chunk ``vp_stage``. ``options``: TransformerConfig
+    options (:func:`scale_options`)."""
     from megatron.core.models.gpt import GPTModel
 
     cfg.validate(parallel.tp_size, parallel.pp_size)
     model_cls = model_cls or GPTModel
+    config = transformer_config(cfg, parallel, params_dtype, **(options or {}))
+    first, last = parallel.is_first_stage, parallel.is_last_stage
+    if config.virtual_pipeline_model_parallel_size:  # chunk v of pipeline rank r holds
+        vp = config.virtual_pipeline_model_parallel_size  # virtual stage v * pp + r
+        first, last = first and vp_stage == 0, last and vp_stage == vp - 1
+    if use_transformer_engine is None:
+        use_transformer_engine = torch.cuda.is_available() and _te_importable()
+    spec = layer_spec(cfg, use_transformer_engine)
+    if not use_transformer_engine:  # the final norm too is ours (TransformerBlock's default
+        spec = block_spec(spec, config, vp_stage)  # torch norm refuses sequence parallelism)
     model = model_cls(
-        config=transformer_config(cfg, parallel, params_dtype),
-        transformer_layer_spec=layer_spec(cfg, use_transformer_engine),
+        config=config,
+        transformer_layer_spec=spec,
         vocab_size=cfg.padded_vocab_size(parallel.tp_size),
         max_sequence_length=cfg.max_position_embeddings,
-        pre_process=parallel.is_first_stage,
-        post_process=parallel.is_last_stage,
+        pre_process=first,
+        post_process=last,
+        vp_stage=vp_stage,
         share_embeddings_and_output_weights=cfg.tie_embeddings,
         position_embedding_type="rope" if cfg.family == "llama" else "learned_absolute",
         rotary_base=cfg.rotary_base,

@@ -9,7 +9,7 @@ its checkpoint entries) and replaces only ``forward`` with
 ``torch.nn.functional.scaled_dot_product_attention``, which picks the flash or memory-efficient
 kernel on a GPU and the exact math kernel on the CPU.
 
-Specs by name (``layer_spec`` in models/gpt.py picks one):
+Specs by name (``layer_spec`` in models/gpt.py picks one; both with :class:`TorchNorm`):
 
 | name  | core attention                              | used                               |
 |-------|---------------------------------------------|------------------------------------|
@@ -99,10 +99,33 @@ class SDPAttention(DotProductAttention):
         return context.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)
 
 
-def get_gpt_layer_sdpa_spec(normalization: str = "LayerNorm"):
-    """megatron-core's local GPT layer spec with :class:`SDPAttention` as core attention."""
+class TorchNorm:
+    """PyTorch's LayerNorm / RMSNorm (per ``config.normalization``), as megatron-core's
+    ``WrappedTorchNorm``, but sequence-parallel aware: with ``config.sequence_parallel`` each
+    tensor-parallel rank normalises its slice of the sequence, so its weight and bias gradients
+    are partial sums; marked ``sequence_parallel``, megatron-core's ``finalize_model_grads``
+    all-reduces them over the tensor-parallel group (what apex's and TE's norms do on a GPU)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        kinds = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in kinds:
+            raise NotImplementedError(f"normalization {config.normalization!r}: only "
+                                      f"{sorted(kinds)} are supported")
+        norm = kinds[config.normalization](hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def local_layer_spec(normalization: str = "LayerNorm", sdpa: bool = True):
+    """megatron-core's local GPT layer spec with :class:`TorchNorm` norms and, with ``sdpa``,
+    :class:`SDPAttention` as core attention (else megatron-core's DotProductAttention)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(normalization=normalization)  # a fresh spec per call
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.input_layernorm = TorchNorm
+    spec.submodules.pre_mlp_layernorm = TorchNorm
+    if sdpa:
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
+

@@ -173,11 +173,13 @@ def loss_channels(tempnet_cfg: TempNetConfig) -> tuple[str, ...]:
 
 def build_tempnet_model(model_cfg: ModelConfig, tempnet_cfg: TempNetConfig,
                         parallel: ParallelContext, *, params_dtype: torch.dtype = torch.float32,
-                        seed: int = 0, use_transformer_engine=None):
+                        seed: int = 0, use_transformer_engine=None,
+                        options: dict | None = None, vp_stage: int | None = None):
     """This rank's stage for ``tempnet_cfg.loss_mode``, with its training mode applied.
 
     "ce": megatron-core's plain GPTModel (vocab-parallel CE); every other mode:
-    :class:`TempNetGPTModel` (TempNet's initial weights drawn from ``seed``).
+    :class:`TempNetGPTModel` (TempNet's initial weights drawn from ``seed``). ``options`` and
+    ``vp_stage``: see ``models.gpt.build_model``.
     """
     tempnet_cfg.validate()
     if parallel.pp_size > 1 and tempnet_cfg.training_mode == "frozen_lm":
@@ -185,12 +187,11 @@ def build_tempnet_model(model_cfg: ModelConfig, tempnet_cfg: TempNetConfig,
         raise ConfigError("--tempnet-training-mode frozen_lm needs "
                           "--pipeline-model-parallel-size 1 (only the last stage has TempNet); "
                           "use tensor or data parallelism instead")
+    common = dict(params_dtype=params_dtype, use_transformer_engine=use_transformer_engine,
+                  options=options, vp_stage=vp_stage)
     if tempnet_cfg.loss_mode == "ce":
-        model = build_model(model_cfg, parallel, params_dtype=params_dtype,
-                            use_transformer_engine=use_transformer_engine)
+        model = build_model(model_cfg, parallel, **common)
     else:
-        model = build_model(model_cfg, parallel, params_dtype=params_dtype,
-                            use_transformer_engine=use_transformer_engine,
-                            model_cls=TempNetGPTModel, tempnet_config=tempnet_cfg,
-                            tempnet_seed=seed)
+        model = build_model(model_cfg, parallel, model_cls=TempNetGPTModel,
+                            tempnet_config=tempnet_cfg, tempnet_seed=seed, **common)
     return apply_training_mode(model, tempnet_cfg)

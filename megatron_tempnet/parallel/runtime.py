@@ -139,8 +139,10 @@ def set_seed(seed: int) -> None:
 
 
 def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None,
-               timeout_minutes: int = 30, environ=None) -> ParallelContext:
-    """Start torch.distributed and megatron-core's parallel state; return this rank's context."""
+               timeout_minutes: int = 30, environ=None,
+               virtual_pp: int | None = None) -> ParallelContext:
+    """Start torch.distributed and megatron-core's parallel state; return this rank's context.
+    ``virtual_pp``: model chunks per pipeline rank (the interleaved schedule; None or 1: off)."""
     from megatron.core import parallel_state as ps
 
     launch = detect_launch_env(environ)
@@ -161,6 +163,8 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None =
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 virtual_pipeline_model_parallel_size=(
+                                     virtual_pp if virtual_pp and virtual_pp > 1 else None),
                                  distributed_timeout_minutes=timeout_minutes,
                                  create_gloo_process_groups=not use_cuda)
     ctx = ParallelContext(

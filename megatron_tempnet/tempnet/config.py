@@ -48,49 +48,59 @@ DRO_LOSS_IMPLS = ("auto", "reference", "fused", "fused_linear")
 class TempNetConfig:
     """TempNet and DRO-loss hyperparameters (docs/tempnet_math.md sections 1-2).
 
-    rho:          KL radius of the DRO loss; TempNet is pushed toward the tau at which the
-                  tempered entropy H(p_tau) equals log V - rho (docs/tempnet_math.md 1.5).
-    tau_min, tau_max: bounds of tau = tau_min + (tau_max - tau_min) * sigmoid(o). Defaults are
-                  the paper's GPT-2 run ([0.5, 5.0], rho 8.0); LLaMA used [0.01, 2.0], rho 8.5-10.
-    arch:         ``--tempnet-arch`` "paper" (default: the authors' TempNet, exactly) or
-                  "scale_aware" (features that carry the logits' scale and shape, tau in log
-                  space starting at ``tau0``; see ``ARCHS`` and docs/tempnet_design.md).
-    tau0:         scale_aware only: tau of every token at initialisation; must lie strictly
-                  inside (tau_min, tau_max). None (default, ``initial_tau``): 1 (the geometric
-                  mean of the bounds when they exclude 1), and with training_mode "frozen_lm"
-                  the trainer starts TempNet at the frozen LM's best global temperature on its
-                  first training batches instead (train.py ``calibrate_initial_tau``).
-    hidden_size:  M, the width of W1 (M x V) and W2 (M x M) (scale_aware: of its hidden layer).
-    dropout:      dropout probability after the first hidden layer (None: the design's
-                  default, ``ARCH_DEFAULTS``: 0.5 for "paper", as upstream; 0 for "scale_aware").
-    input_convention:
-        "raw"         (default) x = z / max(||z||_2, 1e-12): the upstream authors' convention
-                      (F.normalize of the raw logits) and one all-reduce under TP.
-        "max_shifted" x = (z - max z) / max(||z - max z||_2, 1e-12): invariant to adding a
-                      constant to the logits, like the softmax; one extra all-reduce(max).
-        Training, evaluation, export and generation all use the head, so one convention holds.
-    lr, weight_decay: TempNet's own optimizer parameter group (lr None: the design's default,
-                  ``ARCH_DEFAULTS``: 2e-6 for "paper" (upstream: 2e-6 jointly from scratch,
-                  1e-4 to 2e-4 with the LM frozen); 1e-3 for "scale_aware").
-    lr_schedule:  "constant" (default, as upstream): TempNet's group keeps ``lr``;
-                  "lm": it follows the LM's scheduler, scaled so that its peak is ``lr``.
-    loss_mode:    "ce" (default: plain GPTModel, TempNet off);
-                  "dro_fixed_tau" (DRO loss with tau = ``fixed_tau``, no TempNet);
-                  "tempnet_dro" (TempNet predicts tau per token, DRO loss);
-                  "dro_exact" (no TempNet: the paper's "DRO without TempNet". Per token, tau* in
-                  [tau_min, tau_max] solves KL(p_tau || u) = rho on the detached logits, or is
-                  the bound where no root lies inside; the loss is the DRO loss at tau*, i.e.
-                  the dual value min over tau of l(z, y, tau), with its exact gradient
-                  (tempnet/exact_tau.py). Evaluation and the exported model use tau* as the
-                  model's own tau);
-                  "tempnet_ce" (TempNet's tau per token, loss = CE(z / tau, y): the paper's
-                  "TempNet without DRO"; rho is not used by the loss).
-    fixed_tau:    the constant tau of "dro_fixed_tau" (tau = 1 gives CE + rho - log V).
-    training_mode: "scratch" | "finetune" | "frozen_lm" (docs/tempnet_math.md 2.6: the three modes).
-                  frozen_lm trains TempNet only, so it needs a loss mode with TempNet
-                  (``TEMPNET_LOSS_MODES``: "tempnet_dro" or "tempnet_ce").
-    dro_loss_impl: ``--dro-loss-impl`` auto | reference | fused | fused_linear (see
-                  ``DRO_LOSS_IMPLS``); every one computes the same math (tempnet/loss.py).
+    Their flags carry a ``--tempnet-`` prefix (``--dro-loss-impl`` excepted).
+
+    Attributes:
+        rho: KL radius of the DRO loss; TempNet is pushed toward the tau at which the
+            tempered entropy H(p_tau) equals log V - rho (docs/tempnet_math.md 1.5).
+        tau_min: lower bound of tau = tau_min + (tau_max - tau_min) * sigmoid(o). The
+            default bounds are the paper's GPT-2 run ([0.5, 5.0], rho 8.0); LLaMA used
+            [0.01, 2.0], rho 8.5-10.
+        tau_max: upper bound of tau (see tau_min).
+        arch: the TempNet design: "paper" (the authors' TempNet, exactly) or "scale_aware"
+            (features that carry the logits' scale and shape, tau in log space starting at
+            tau0; see ``ARCHS`` and docs/tempnet_design.md).
+        tau0: scale_aware only: tau of every token at initialisation; must lie strictly
+            inside (tau_min, tau_max). None (``initial_tau``): 1 (the geometric mean of the
+            bounds when they exclude 1), and with training_mode "frozen_lm" the trainer starts
+            TempNet at the frozen LM's best global temperature on its first training batches
+            instead (train.py ``calibrate_initial_tau``).
+        hidden_size: M, the width of W1 (M x V) and W2 (M x M) (scale_aware: of its hidden
+            layer).
+        dropout: dropout probability after the first hidden layer (None: the design's
+            default, ``ARCH_DEFAULTS``: 0.5 for "paper", as upstream; 0 for "scale_aware").
+        input_convention: TempNet's input x from the logits z (paper design only). "raw":
+            x = z / max(||z||_2, 1e-12), the upstream authors' convention (F.normalize of the
+            raw logits), one all-reduce under TP. "max_shifted": x = (z - max z) /
+            max(||z - max z||_2, 1e-12), invariant to adding a constant to the logits like the
+            softmax, one extra all-reduce(max). Training, evaluation, export and generation
+            all use the head, so one convention holds.
+        lr: learning rate of TempNet's own optimizer parameter group (None: the design's
+            default, ``ARCH_DEFAULTS``: 2e-6 for "paper" (upstream: 2e-6 jointly from
+            scratch, 1e-4 to 2e-4 with the LM frozen); 1e-3 for "scale_aware").
+        weight_decay: weight decay of TempNet's own parameter group (all its parameters).
+        lr_schedule: "constant" (as upstream): TempNet's group keeps lr; "lm": it follows the
+            LM's scheduler, scaled so that its peak is lr.
+        loss_mode: the loss. "ce": plain GPTModel, TempNet off. "dro_fixed_tau": the DRO
+            loss with tau = fixed_tau, no TempNet. "tempnet_dro": TempNet predicts tau per
+            token, DRO loss. "dro_exact": no TempNet, the paper's "DRO without TempNet": per
+            token, tau* in [tau_min, tau_max] solves KL(p_tau || u) = rho on the detached
+            logits, or is the bound where no root lies inside; the loss is the DRO loss at
+            tau*, i.e. the dual value min over tau of l(z, y, tau), with its exact gradient
+            (tempnet/exact_tau.py); evaluation and the exported model use tau* as the model's
+            own tau. "tempnet_ce": TempNet's tau per token, loss = CE(z / tau, y), the paper's
+            "TempNet without DRO" (rho is not used by the loss).
+        fixed_tau: the constant tau of "dro_fixed_tau" (tau = 1 gives CE + rho - log V).
+        training_mode: which parameters train (docs/tempnet_math.md 2.6, the paper's three
+            modes): "scratch" (LM and TempNet from random init), "finetune" (a pretrained LM
+            loaded from a checkpoint, and TempNet, both trained) or "frozen_lm" (only TempNet
+            trains, so it needs a loss mode with TempNet, ``TEMPNET_LOSS_MODES``:
+            "tempnet_dro" or "tempnet_ce").
+        dro_loss_impl: implementation of the DRO loss (``DRO_LOSS_IMPLS``); every one
+            computes the same math (tempnet/loss.py): "reference" (torch ops), "fused"
+            (Triton streaming kernel on the logits shard), "fused_linear" (output projection,
+            TempNet and loss in token chunks; the logits never exist whole), "auto" (fused on
+            CUDA with Triton, else reference).
     """
 
     rho: float = 8.0

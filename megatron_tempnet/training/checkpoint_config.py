@@ -12,27 +12,33 @@ from megatron_tempnet.config import ConfigError
 class CheckpointConfig:
     """Checkpointing and run control; flags keep Megatron-LM's names (--save, --load, ...).
 
-    save / load:    checkpoint directories (often the same one: a requeued job resumes from its
-                    own checkpoints; with no checkpoint there yet it starts from scratch).
-    save_interval:  save every N iterations (None: only at the end and when stopped early).
-    keep_last:      keep the newest k checkpoints (None: keep all).
-    exit_duration_in_mins: save and exit (EXIT_CODE_TIME_LIMIT) once this much time has passed.
-    exit_signal_handler: SIGTERM / SIGUSR1 save and exit (EXIT_CODE_PREEMPTED).
-    finetune:       load model weights only (TempNet may be absent: it keeps its init); reset
-                    iteration, optimizer, scheduler and data position.
-    no_load_optim / no_load_rng: resume without the optimizer and scheduler state (a fresh
-                    optimizer; the lr schedule continues at the loaded iteration) / the RNG states.
-    loss_spike_factor: stop (like a NaN) when the loss exceeds factor x its running mean
-                    (None: off).
-    collapse_patience: stop (like a NaN) when the lm loss, after having dropped below ln V,
-                    sits at ln V (uniform predictions) for this many iterations (0: off).
-    override_opt_param_scheduler / use_checkpoint_opt_param_scheduler: Megatron-LM's pair for
-                    a resume whose lr / weight-decay schedule flags differ from the
-                    checkpoint's: this run's values (Adam moments kept), or the checkpoint's;
-                    with neither, the difference is an error naming both.
-    no_checkpoint_checksums: neither record checksums at save nor verify them at load.
-    no_save_lock:   do not lock --save (for a filesystem without POSIX record locks, which the
-                    lock names when it fails); nothing then stops a second run writing there.
+    Attributes:
+        save: directory the checkpoints are written to (None: none are saved).
+        load: directory to resume from (None: start from scratch). Often the same as save:
+            a requeued job resumes from its own checkpoints; with no checkpoint there yet it
+            starts from scratch.
+        save_interval: save every N iterations (None: only at the end and when stopped
+            early).
+        keep_last: keep the newest k checkpoints (None: keep all).
+        exit_duration_in_mins: save and exit (EXIT_CODE_TIME_LIMIT) once this much time has
+            passed.
+        exit_signal_handler: SIGTERM / SIGUSR1 save and exit (EXIT_CODE_PREEMPTED).
+        finetune: load model weights only (TempNet may be absent: it keeps its init); reset
+            iteration, optimizer, scheduler and data position.
+        no_load_optim: resume without the optimizer and scheduler state (a fresh optimizer;
+            the lr schedule continues at the loaded iteration).
+        no_load_rng: resume without the RNG states.
+        loss_spike_factor: stop (like a NaN) when the loss exceeds factor x its running mean
+            (None: off).
+        collapse_patience: stop (like a NaN) when the lm loss, after having dropped below
+            ln V, sits at ln V (uniform predictions) for this many iterations (0: off).
+        override_opt_param_scheduler: on a resume whose lr / weight-decay schedule flags
+            differ from the checkpoint's, use this run's values (Adam moments kept). With
+            neither of Megatron-LM's pair, the difference is an error naming both.
+        use_checkpoint_opt_param_scheduler: on such a resume, use the checkpoint's schedule.
+        no_checkpoint_checksums: neither record checksums at save nor verify them at load.
+        no_save_lock: do not lock --save (for a filesystem without POSIX record locks, which
+            the lock names when it fails); nothing then stops a second run writing there.
     """
 
     save: str | None = None

@@ -64,6 +64,7 @@ import torch.distributed as dist
 
 from megatron_tempnet.cli import disk_full_cause
 from megatron_tempnet.config import ConfigError
+from megatron_tempnet.training.ddp import params_synced
 from megatron_tempnet.training import integrity, save_dir
 from megatron_tempnet.training.checkpoint_config import CheckpointConfig
 from megatron_tempnet.training.checkpoint_layout import (CHECKPOINT_VERSION, complete_iterations,
@@ -209,7 +210,8 @@ class Checkpointer:
                 save_dir.write_writer(path, self.lineage, iteration)
             _barrier()
             rng = get_rng_state()
-            self.write(path, train_state, rng)
+            with params_synced(self.chunks):  # --overlap-param-gather: this step's weights
+                self.write(path, train_state, rng)
             set_rng_state(rng)  # saving must not move any generator: resume stays bitwise exact
             _barrier()
             if not self.cfg.no_checkpoint_checksums:

@@ -14,16 +14,19 @@ from megatron_tempnet.config import ConfigError
 class EvalConfig:
     """Evaluation settings (one home: their flags are generated from these fields).
 
-    eval_interval:      evaluate every this many iterations (0: only at the end of training).
-    eval_iters:         global batches per evaluation (each ``num_microbatches`` micro-batches).
-    temperature_min, temperature_max, temperature_points: the coarse log-spaced grid of global
-                        temperatures of pass 1 (T = 1 and the fixed tau are always added).
-    refine_points:      log-spaced temperatures of pass 2 between the best coarse point's
-                        neighbours (0: no second pass; the best T is a coarse grid point).
-    ece_bins:           equal-width confidence bins of the ECE.
-    tau_histogram_bins: bins of the histograms of the model's own per-token tau over
-                        [tau_min, tau_max] (TempNet or exact tau only): evaluation's and the
-                        training log's (training/reports.py ReportSpec).
+    Attributes:
+        eval_interval: evaluate every this many iterations (0: only at the end of training).
+        eval_iters: global batches per evaluation (each ``num_microbatches`` micro-batches).
+        temperature_min: lowest global temperature of pass 1's coarse log-spaced grid.
+        temperature_max: highest global temperature of pass 1's coarse log-spaced grid.
+        temperature_points: temperatures in pass 1's coarse log-spaced grid (0: none; T = 1
+            and the fixed tau are always added).
+        refine_points: log-spaced temperatures of pass 2 between the best coarse point's
+            neighbours (0: no second pass; the best T is a coarse grid point).
+        ece_bins: equal-width confidence bins of the ECE.
+        tau_histogram_bins: bins of the histograms of the model's own per-token tau over
+            [tau_min, tau_max] (TempNet or exact tau only): evaluation's and the training
+            log's (training/reports.py ReportSpec).
     """
 
     eval_interval: int = 0
@@ -75,11 +78,12 @@ class EvalConfig:
 class LoggingConfig:
     """Where metrics go (the console line is always printed by the train loop).
 
-    tensorboard_dir: TensorBoard event directory (None: no TensorBoard). Needs the
-                     ``tensorboard`` package.
-    metrics_jsonl:   path of the JSONL metrics file, appended to (None: none).
-    peak_tflops:     peak dense TFLOP/s of one device for MFU (None: the table in
-                     training/flops.py for the GPU; no MFU on CPU).
+    Attributes:
+        tensorboard_dir: TensorBoard event directory (None: no TensorBoard). Needs the
+            ``tensorboard`` package.
+        metrics_jsonl: path of the JSONL metrics file, appended to (None: none).
+        peak_tflops: peak dense TFLOP/s of one device for MFU (None: the table in
+            training/flops.py for the GPU; no MFU on CPU).
     """
 
     tensorboard_dir: str | None = None
@@ -102,7 +106,14 @@ class LoggingConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """``--deepspeed`` and ``--deepspeed_config`` (Megatron-DeepSpeed's spelling, underscore)."""
+    """DeepSpeed's engine instead of megatron-core's DDP and optimizer (training/deepspeed.py).
+
+    Attributes:
+        deepspeed: train with DeepSpeed's ZeRO-1/2 engine around the same megatron-core model
+            (pipeline parallelism 1 only; needs deepspeed_config).
+        deepspeed_config: DeepSpeed's JSON config file (e.g. configs/deepspeed/zero1.json);
+            its flag keeps DeepSpeed's and Megatron-DeepSpeed's spelling, --deepspeed_config.
+    """
 
     deepspeed: bool = False
     deepspeed_config: str | None = None

@@ -49,8 +49,10 @@ import torch.distributed as dist
 from megatron_tempnet.tempnet.comm import MAX, SUM, all_reduce, group_rank_size
 from megatron_tempnet.tempnet.exact_tau import solve_tau
 from megatron_tempnet.tempnet.reference import compute_dtype
+from megatron_tempnet.training.ddp import params_synced
 from megatron_tempnet.training.config import EvalConfig
 from megatron_tempnet.training.metrics_log import tau_histogram, tau_histogram_edges
+from megatron_tempnet.training.step import chunk_iterators
 from megatron_tempnet.training.reports import ReportSpec
 
 
@@ -198,11 +200,10 @@ def _micro_batch_sums(layout: _StatLayout, model, tp_group, batch, logits):
     return logits.new_zeros(()), mask.sum().to(torch.int), {"eval": vec}
 
 
-def _eval_forward_step(loss_func, batches_seen, data_iterator, model):
+def _eval_forward_step(loss_func, data_iterator, model):
     """megatron-core forward_step_func: the model without labels returns the logits shard
     [b, s, v/tp] on the last stage (hidden states elsewhere)."""
     batch = next(data_iterator)
-    batches_seen.append(batch)
     output = model(batch["tokens"], batch["position_ids"], None)
     return output, partial(loss_func, batch)
 
@@ -221,11 +222,12 @@ def _run_pass(model_chunks, batches, layout, ctx, *, num_microbatches, seq_lengt
 
     model = unwrap_model(model_chunks[-1])
     loss_func = partial(_micro_batch_sums, layout, model, ctx.tp_group)
-    seen: list = []
+    seen = [next(batches) for _ in range(num_microbatches)]  # this pass's, for the replay
     with torch.no_grad():
         reports = get_forward_backward_func()(
-            forward_step_func=partial(_eval_forward_step, loss_func, seen),
-            data_iterator=batches, model=model_chunks, num_microbatches=num_microbatches,
+            forward_step_func=partial(_eval_forward_step, loss_func),
+            data_iterator=chunk_iterators(model_chunks, iter(seen), num_microbatches),
+            model=model_chunks, num_microbatches=num_microbatches,
             seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=True)
     if not ctx.is_last_stage:
         return None, seen
@@ -437,10 +439,11 @@ class EvalCallback:
 
     def run(self, iteration: int) -> dict:
         tc = self.train_cfg
-        metrics = evaluate(self.chunks, self.batches, self.config.eval_iters, self.ctx,
-                           seq_length=tc.seq_length, micro_batch_size=tc.micro_batch_size,
-                           num_microbatches=tc.num_microbatches(self.ctx.dp_size),
-                           config=self.config, spec=self.spec)
+        with params_synced(self.chunks):  # --overlap-param-gather: this step's weights
+            metrics = evaluate(self.chunks, self.batches, self.config.eval_iters, self.ctx,
+                               seq_length=tc.seq_length, micro_batch_size=tc.micro_batch_size,
+                               num_microbatches=tc.num_microbatches(self.ctx.dp_size),
+                               config=self.config, spec=self.spec)
         self.results.append((iteration, metrics))
         if self.ctx.rank == 0:
             self.log(format_eval_table(metrics, f"validation at iteration {iteration}"))

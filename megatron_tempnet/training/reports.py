@@ -59,6 +59,11 @@ class ReportSpec:
         names = [self.report_name(c) for c in self.channels if c != "tau"] or [LM_LOSS]
         return tuple(sorted(names, key=lambda n: n != LM_LOSS))
 
+    @classmethod
+    def every_loss(cls) -> tuple[str, ...]:
+        """The losses any model may report (run control's default)."""
+        return cls(tuple(CHANNEL_REPORTS)).losses
+
     @staticmethod
     def report_name(channel: str) -> str:
         return CHANNEL_REPORTS[channel]

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from megatron_tempnet.cli import EarlySignals
 from megatron_tempnet.training.checkpoint_config import CheckpointConfig
-from megatron_tempnet.training.reports import LM_LOSS
+from megatron_tempnet.training.reports import LM_LOSS, ReportSpec
 
 EXIT_CODE_PREEMPTED = 3  # SIGTERM / SIGUSR1: checkpoint saved, requeue the job
 EXIT_CODE_TIME_LIMIT = 4  # --exit-duration-in-mins: checkpoint saved, requeue the job
@@ -59,7 +59,7 @@ class RunControl:
 
     def __init__(self, cfg: CheckpointConfig | None = None, start_time: float | None = None,
                  device="cpu", vocab_size: int | None = None,
-                 losses: Sequence[str] = (LM_LOSS,)):
+                 losses: Sequence[str] | None = None):
         self.cfg = cfg or CheckpointConfig()
         self.bind(device, vocab_size, losses)
         self.start_time = time.time() if start_time is None else start_time
@@ -69,11 +69,12 @@ class RunControl:
         self._mean_loss, self._seen = None, 0
         self._best_loss, self._uniform_since = math.inf, None
 
-    def bind(self, device, vocab_size: int | None, losses: Sequence[str]) -> None:
+    def bind(self, device, vocab_size: int | None, losses: Sequence[str] | None) -> None:
         """What the checks need of the run once it is built: the device of the all-reduce, the
         vocabulary (the collapse check's ln V), the reported losses whose finiteness is checked
         (training/reports.py ``ReportSpec.losses``; the first one is the plain CE)."""
-        self.device, self.vocab_size, self.losses = device, vocab_size, tuple(losses)
+        self.device, self.vocab_size = device, vocab_size
+        self.losses = ReportSpec.every_loss() if losses is None else tuple(losses)
 
     def __enter__(self) -> "RunControl":
         """Install the handlers (re-entrant: train.py enters before start-up, the loop again)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from megatron_tempnet.arguments import RunConfig, resolve
 from megatron_tempnet.data.tokenizers import load_tokenizer
+from megatron_tempnet.models.gpt import scale_options
 from megatron_tempnet.models.tempnet_gpt import build_tempnet_model, loss_channels
 from megatron_tempnet.parallel import ParallelContext, initialize
 from megatron_tempnet.parallel.runtime import detect_launch_env
@@ -20,16 +21,21 @@ def start(run: RunConfig):
     run.model.vocab_size = tokenizer.vocab_size
     resolve(run, detect_launch_env().world_size)
     ctx = initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                     run.train.seed)
+                     run.train.seed, virtual_pp=par.virtual_size)
     return ctx, tokenizer
 
 
-def build_stage(run: RunConfig, ctx: ParallelContext):
-    """This rank's model stage for ``run`` (TempNet per its loss mode, training mode applied),
-    in the run's precision, TempNet's init drawn from the run's seed."""
-    return build_tempnet_model(run.model, run.tempnet, ctx,
-                               params_dtype=precision_dtype(run.train.precision),
-                               seed=run.train.seed)
+def build_stage(run: RunConfig, ctx: ParallelContext) -> list:
+    """This rank's model chunks for ``run``: its pipeline stage, or with the interleaved
+    pipeline its ``--virtual-pipeline-model-parallel-size`` chunks (TempNet per its loss mode,
+    training mode applied), in the run's precision, with the run's sequence parallelism and
+    recomputation; TempNet's init drawn from the run's seed."""
+    options = scale_options(run.parallel, run.train)
+    vp = run.parallel.virtual_size
+    return [build_tempnet_model(run.model, run.tempnet, ctx,
+                                params_dtype=precision_dtype(run.train.precision),
+                                seed=run.train.seed, options=options,
+                                vp_stage=v if vp > 1 else None) for v in range(vp)]
 
 
 def report_spec(run: RunConfig) -> ReportSpec:

@@ -95,10 +95,21 @@ def forward_backward(model_chunks: list, data_iterator, *, num_microbatches: int
 
     schedule = get_forward_backward_func()
     return schedule(forward_step_func=partial(forward_step, spec=spec),
-                    data_iterator=data_iterator,
+                    data_iterator=chunk_iterators(model_chunks, data_iterator,
+                                                  num_microbatches),
                     model=model_chunks, num_microbatches=num_microbatches,
                     seq_length=seq_length, micro_batch_size=micro_batch_size,
                     forward_only=forward_only)
+
+
+def chunk_iterators(model_chunks: list, data_iterator, num_microbatches: int):
+    """The schedule's data iterator(s): ``data_iterator`` itself for one model chunk; with the
+    interleaved pipeline one iterator per chunk over the same ``num_microbatches`` micro-batches
+    (read once from ``data_iterator``: every chunk runs each micro-batch in turn)."""
+    if len(model_chunks) == 1:
+        return data_iterator
+    micro = [next(data_iterator) for _ in range(num_microbatches)]
+    return [iter(micro) for _ in model_chunks]
 
 
 def reduce_reports(reports: list, key: str = LM_LOSS) -> torch.Tensor:
