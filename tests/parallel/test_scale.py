@@ -3,10 +3,13 @@ overlap options on 2 processes (one torchrun launch, tests/workers/scale_worker.
 the same run without it: same losses and gradients (dropout off; float32 on the CPU, so the
 reduction order is the only difference: rtol 1e-5 on losses, 1e-4 relative to each tensor's
 largest gradient)."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from torchrun import run_torchrun
+from torchrun import REPO, run_torchrun
 
 pytestmark = pytest.mark.parallel
 
@@ -14,8 +17,12 @@ VARIANTS = ["sp", "selective", "full", "block", "sp_full"]
 
 
 @pytest.fixture(scope="module")
-def results(tiny_corpus, tmp_path_factory):
-    work = tmp_path_factory.mktemp("scale")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("scale")
+
+
+@pytest.fixture(scope="module")
+def results(tiny_corpus, work):
     return run_torchrun("scale_worker.py", work, tiny_corpus.data_prefix,
                         tiny_corpus.tokenizer_model, str(work), timeout=900)
 
@@ -70,3 +77,23 @@ def test_overlapped_run_saves_and_resumes_its_weights(results):
     last = results[-1]
     same_history(last["overlap"], last["overlap_saved"], "saved")
     same_history(last["overlap"][2:], last["overlap_resumed"], "resumed")
+
+
+def test_interleaved_checkpoint_exports_the_same_model(results, work, tiny_corpus):
+    """The Hugging Face export of the PP=2 x VP=2 checkpoint (chunks model0, model1) holds the
+    weights of the PP=2 run's at the same iteration (same start, same data: rtol 1e-4)."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for name in ("pp", "vp"):
+        out = work / f"hf-{name}"
+        proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint_to_hf.py"),
+                               "--load", str(work / name / "iter_0000002"), "--output", str(out),
+                               "--tokenizer-model", tiny_corpus.tokenizer_model],
+                              capture_output=True, text=True, timeout=300, cwd=str(REPO))
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        tensors[name] = {k: v for f in sorted(out.glob("*.safetensors"))
+                         for k, v in load_file(f).items()}
+    assert tensors["pp"].keys() == tensors["vp"].keys() and tensors["pp"]
+    for key, ref in tensors["pp"].items():
+        torch.testing.assert_close(tensors["vp"][key], ref, rtol=1e-4, atol=1e-6, msg=key)

@@ -89,6 +89,7 @@ def main():
     r["vp"] = history("--virtual-pipeline-model-parallel-size", "2", pp=2)
     r["overlap"] = history("--overlap-grad-reduce", "--overlap-param-gather",
                            "--ddp-bucket-size", "2000")
+    r["pp_saved"] = history("--save", str(WORK / "pp"), "--save-interval", "2", pp=2)
     save = str(WORK / "vp")
     r["vp_saved"] = history("--virtual-pipeline-model-parallel-size", "2", "--save", save,
                             "--save-interval", "2", pp=2)
