@@ -97,3 +97,11 @@ def test_interleaved_checkpoint_exports_the_same_model(results, work, tiny_corpu
     assert tensors["pp"].keys() == tensors["vp"].keys() and tensors["pp"]
     for key, ref in tensors["pp"].items():
         torch.testing.assert_close(tensors["vp"][key], ref, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_a_checkpoint_keeps_its_vocabulary_padding_at_another_tp(results):
+    """Saved at TP=2 (600 padded rows), resumed and evaluated at TP=1 (which would pad to 500):
+    the checkpoint's padding is kept, the resumed losses are the TP=2 run's."""
+    last = results[-1]
+    same_history(last["pad_saved"][2:], last["pad_resumed_tp1"], "resumed at TP=1")
+    assert last["pad_eval_tp1"]["eval tokens"] > 0

@@ -79,6 +79,14 @@ def test_a_fresh_run_records_its_exit(scenarios):
     ("zeroed_shard_evaluate", ["is corrupt", ".distcp"]),
     ("zeroed_shard_export", ["is corrupt", ".distcp"]),
     ("random_bytes_train", ["is corrupt", "common.pt"]),
+    ("zeroed_shard_finetune", ["is corrupt"]),
+    ("train_iters_zero", ["--train-iters 0: must be an integer >= 1"]),
+    ("seq_length_beyond_positions", ["--seq-length 512 exceeds --max-position-embeddings 256",
+                                     "lower --seq-length"]),
+    ("tp_not_dividing_the_world", ["world size 1 is not divisible by tensor-parallel size 3"]),
+    ("nan_blend_weight", ["--data-path weight 'nan'", "positive finite numbers"]),
+    ("finetune_mode_without_checkpoint", ["--tempnet-training-mode finetune",
+                                          "holds no checkpoint", "random weights"]),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(scenarios, case, words):
     one_error(scenarios[case], *words)
@@ -88,6 +96,11 @@ def test_bad_input_is_one_line_and_changes_nothing(scenarios, case, words):
 def test_a_run_refused_from_another_runs_directory_keeps_its_exit_record(scenarios, case):
     """exit_status.json belongs to the directory's own run: a refused stranger leaves it."""
     assert scenarios[case]["status_kept"]
+
+
+def test_layout_errors_come_before_any_dataset_index(scenarios):
+    assert scenarios["tp_not_dividing_the_world"]["no_index_built"]
+    assert scenarios["zeroed_shard_finetune"]["save_absent"]
 
 
 def test_corrupt_file_is_named_and_export_writes_nothing(scenarios):

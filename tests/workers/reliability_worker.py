@@ -182,6 +182,26 @@ def main():
     before[str(S)] = digest(S)
     case("random_bytes_train", train("--save", str(S), "--load", str(S), keep, iters=9), S)
 
+    case("zeroed_shard_finetune", train("--save", str(WORK / "F4"), "--load", str(S),
+                                        "--finetune", iters=2), S)
+    r["zeroed_shard_finetune"]["save_absent"] = not (WORK / "F4" / "iter_0000002").exists()
+
+    # 5. rough error paths: one line, before any process group or dataset index
+    cache = WORK / "cache_layout"
+    case("train_iters_zero", train("--save", str(S), "--load", str(S), iters=0), S)
+    case("seq_length_beyond_positions", train("--seq-length", "512", "--data-cache-path",
+                                              str(cache)))
+    case("tp_not_dividing_the_world", train("--tensor-model-parallel-size", "3",
+                                            "--data-cache-path", str(cache)))
+    r["tp_not_dividing_the_world"]["no_index_built"] = not cache.exists()
+    blend = flags()
+    blend[blend.index("--data-path") + 1:blend.index("--data-path") + 2] = ["nan", DATA]
+    from megatron_tempnet.train import main as train_main
+    case("nan_blend_weight", command(train_main, blend))
+    case("finetune_mode_without_checkpoint", train(
+        "--save", str(WORK / "F5"), "--tempnet-loss-mode", "tempnet_dro", "--tempnet-rho", "2",
+        "--tempnet-training-mode", "finetune"))
+
     # the opt-out: no checksums written, none verified (a zeroed shard loads)
     X = WORK / "X"
     r["no_checksums"] = train("--save", str(X), "--no-checkpoint-checksums", iters=2)

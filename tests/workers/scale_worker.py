@@ -100,6 +100,13 @@ def main():
                                  save, "--save-interval", "2")
     r["overlap_resumed"] = history("--overlap-grad-reduce", "--overlap-param-gather", start=(
         "--load", f"{save}/iter_0000002"))
+    # a TP=2 checkpoint whose vocabulary padding differs at TP=1 (500 tokens, divisible by 100:
+    # 600 rows at TP=2, 500 at TP=1) resumes and evaluates at TP=1 with its own padding
+    pad, div = str(WORK / "pad"), ("--make-vocab-size-divisible-by", "100")
+    r["pad_saved"] = history(*div, "--save", pad, "--save-interval", "2", start=(), tp=2)
+    r["pad_resumed_tp1"] = history(*div, start=("--load", f"{pad}/iter_0000002"))
+    from megatron_tempnet.evaluate import main as evaluate_main
+    r["pad_eval_tp1"] = evaluate_main(flags(*div, "--load", pad, "--eval-iters", "1"))
     save_rank_result(r)
 
 
