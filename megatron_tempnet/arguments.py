@@ -341,6 +341,16 @@ def _virtual_pipeline_size(value, run: RunConfig) -> int:
     return per_stage // n
 
 
+def given_fields(argv) -> set[tuple[str, str]]:
+    """(section, field) of every value the command line ``argv`` gives (its flags and aliases),
+    plus ("", "model") / ("", "config") when a preset / run YAML is given."""
+    ns = vars(build_parser().parse_known_args(argv)[0])
+    out = {("", key) for key in ("model", "config") if key in ns}
+    out |= {tuple(key.split(".", 1)) for key in ns if "." in key}
+    out |= {(a.section, a.name) for flag, a in ALIASES.items() if flag in ns}
+    return out
+
+
 def parse_args(argv=None) -> RunConfig:
     """preset -> --config run YAML -> flags, each value converted to its field's type; errors
     name the flag (``flag_name``) for run values and the preset file for preset values.

@@ -48,10 +48,42 @@ def parse(argv=None):
     ns, rest = _eval_parser(known).parse_known_args(argv)
     ns = vars(ns)
     run = parse_args(rest)
+    settings_from_checkpoint(run, rest)
     eval_cfg = run.eval
     eval_cfg = dataclasses.replace(eval_cfg, **{k.split(".", 1)[1]: v for k, v in ns.items()
                                                 if k.startswith("eval.")})
     return run, eval_cfg.validate(), ns.get("split_name", "valid"), ns.get("metrics_jsonl")
+
+
+def settings_from_checkpoint(run, argv) -> None:
+    """Evaluating ``--load CKPT`` needs no model or TempNet flags: every model field (unless
+    --model or --config chose the model) and every TempNet field not given on the command line
+    (or in --config) is the checkpoint's. A given value that differs from the checkpoint's is
+    then refused by the load's checks (shapes, TempNet settings), naming the flag."""
+    from megatron_tempnet.arguments import given_fields
+    from megatron_tempnet.config import ModelConfig
+    from megatron_tempnet.tempnet.config import TempNetConfig
+    from megatron_tempnet.training.checkpoint_layout import resolve_load_dir
+    from megatron_tempnet.training.stage import read_run_record
+
+    if not run.checkpoint.load:
+        return
+    path = resolve_load_dir(run.checkpoint.load, None)
+    if path is None:
+        return
+    try:
+        record = read_run_record(path, "torch_dist")
+    except Exception:  # noqa: BLE001 -- the load's checksum check names the corrupt file
+        return
+    given = given_fields(argv)
+    if not given & {("", "model"), ("", "config")}:
+        run.model = ModelConfig(**{**record["model"], **{
+            name: getattr(run.model, name) for section, name in given if section == "model"}})
+    saved = {k: v for k, v in record["tempnet"].items()
+             if k in {f.name for f in dataclasses.fields(TempNetConfig)}}
+    if ("", "config") not in given:
+        run.tempnet = TempNetConfig(**{**saved, **{
+            name: getattr(run.tempnet, name) for section, name in given if section == "tempnet"}})
 
 
 def load_model_weights(chunks: list, run, ctx, log) -> int | None:

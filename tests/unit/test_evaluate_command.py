@@ -53,3 +53,30 @@ def test_command_prints_the_table(tmp_path):
     record = json.loads(jsonl.read_text().splitlines()[-1])
     assert record["split"] == "valid" and record["eval tokens"] == 2 * 4 * 32
     assert record["ppl best T"] <= record["ppl tau=1"] and record["fixed tau"] == 0.8
+
+
+def test_load_brings_the_model_and_tempnet_settings(monkeypatch, tmp_path):
+    """--load CKPT alone gives the checkpoint's model and TempNet settings; a given flag
+    stays (the load's checks then refuse it if it changes the model); --model keeps its
+    preset's architecture."""
+    import dataclasses
+
+    from megatron_tempnet.config import load_model_preset
+    from megatron_tempnet.tempnet.config import TempNetConfig
+    from megatron_tempnet.training import checkpoint_layout, stage
+
+    record = {"model": dataclasses.asdict(load_model_preset("tiny-gpt", vocab_size=500)),
+              "tempnet": dataclasses.asdict(TempNetConfig(loss_mode="tempnet_dro", rho=2.0,
+                                                          hidden_size=16)),
+              "parallel": {"tp": 1, "pp": 1, "dp": 1}}
+    monkeypatch.setattr(checkpoint_layout, "resolve_load_dir", lambda load, save: tmp_path)
+    monkeypatch.setattr(stage, "read_run_record", lambda path, fmt: record)
+    run, *_ = parse(["--load", str(tmp_path), "--tempnet-rho", "3"])
+    assert (run.model.family, run.model.num_layers, run.model.hidden_size) == (
+        "gpt", record["model"]["num_layers"], record["model"]["hidden_size"])
+    assert (run.tempnet.loss_mode, run.tempnet.hidden_size, run.tempnet.rho) == (
+        "tempnet_dro", 16, 3.0)
+    run, *_ = parse(["--load", str(tmp_path), "--model", "tiny-llama"])
+    assert run.model.family == "llama" and run.tempnet.loss_mode == "tempnet_dro"
+    run, *_ = parse(["--model", "tiny-llama"])  # no --load: nothing read
+    assert run.tempnet.loss_mode == TempNetConfig().loss_mode
