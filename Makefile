@@ -25,3 +25,28 @@ demo: install
 
 clean:
 	rm -rf $(VENV) demo_out
+
+# The one-command GPU run (bench/gpu_run.py, docs/benchmarks.md "The one-command GPU run").
+# gpu-bundle: the wheels the GPU machine lacks (bench/gpu_bundle.txt; cp312 or py3-none-any, no
+# dependencies: torch, triton, numpy, packaging are there), into an ignored folder that the
+# device tool carries. gpu-run: the run itself, on a CUDA machine (python3 there holds torch).
+# gpu-smoke: the same script at tiny sizes on the CPU.
+GPU_BUNDLE ?= .gpu_bundle
+GPU_PYTHON ?= python3
+OUT ?= gpu_run_out
+
+.PHONY: gpu-bundle gpu-run gpu-smoke
+
+gpu-bundle:
+	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(GPU_BUNDLE) -r bench/gpu_bundle.txt
+	ls -l $(GPU_BUNDLE) && du -sh $(GPU_BUNDLE)
+
+gpu-run:
+	$(GPU_PYTHON) bench/gpu_run.py $(OUT)
+
+gpu-smoke: install
+	$(PY) bench/gpu_run.py --smoke $(OUT)

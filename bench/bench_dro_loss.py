@@ -110,11 +110,9 @@ def unavailable(impl: str, device: torch.device) -> str | None:
     return None
 
 
-def measure(impl: str, args, vocab: int, device: torch.device) -> dict:
-    row = {"impl": LABELS[impl], "V": vocab}
-    why = unavailable(impl, device)
-    if why:
-        return {**row, "error": why}
+def make_inputs(args, vocab: int, device: torch.device):
+    """(hidden [tokens, hidden], weight [V, hidden], both requiring grad, in --dtype; targets
+    uniform over V), drawn from seed 0 on the CPU: the same for every implementation."""
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
     h = (torch.randn(args.tokens, args.hidden, generator=g) * 0.5).to(device, dtype)
@@ -122,6 +120,17 @@ def measure(impl: str, args, vocab: int, device: torch.device) -> dict:
     h.requires_grad_(True)
     w.requires_grad_(True)
     target = torch.randint(0, vocab, (args.tokens,), generator=g).to(device)
+    return h, w, target
+
+
+def measure(impl: str, args, vocab: int, device: torch.device, inputs=None) -> dict:
+    """One row; ``inputs``: ``make_inputs``' tensors, to share them between implementations
+    (bench/gpu_run.py does: drawing [128256, 4096] on the CPU takes seconds)."""
+    row = {"impl": LABELS[impl], "V": vocab}
+    why = unavailable(impl, device)
+    if why:
+        return {**row, "error": why}
+    h, w, target = inputs if inputs is not None else make_inputs(args, vocab, device)
     head = TempNetHead(TempNetConfig(hidden_size=args.tempnet_hidden, dropout=0.0,
                                      loss_mode="tempnet_dro"), vocab, device=device)
     step = make_step(impl, h, w, target, head)
