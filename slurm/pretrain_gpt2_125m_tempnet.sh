@@ -1,7 +1,7 @@
 #!/bin/bash
 # GPT-2 small (124M) + TempNet/DRO loss from scratch on 1 node x 8 H100 (DP=8, seq 1024).
 #   DATA_PATH=/data/corpus_text_document TOKENIZER_MODEL=/data/gpt2-tokenizer.json \
-#   CHECKPOINT_DIR=/ckpt/gpt2-125m-tempnet sbatch slurm/pretrain_gpt2_125m_tempnet.sh [trainer flags]
+#   CHECKPOINT_DIR=/ckpt/gpt2-125m-tempnet sbatch slurm/pretrain_gpt2_125m_tempnet.sh [flags]
 # Submit from the repository root (or set REPO_DIR). Without SLURM it runs locally under
 # torchrun; --dry-run prints the command. Layout and memory: docs/parallel_layouts.md.
 #SBATCH --job-name=gpt2-125m-tempnet
@@ -15,6 +15,9 @@
 #SBATCH --signal=B:USR1@120
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
+# Your site's account and partition: drop one '#' (or pass sbatch -A ... -p ...).
+##SBATCH --account=<account>
+##SBATCH --partition=<partition>
 set -euo pipefail
 
 : "${DATA_PATH:?set DATA_PATH to the dataset prefix(es), e.g. /data/corpus_text_document}"
@@ -25,5 +28,6 @@ SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
 
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
 # shellcheck source=slurm/common.sh
-source "$REPO_DIR/slurm/common.sh" || { echo "submit from the repository root or set REPO_DIR" >&2; exit 2; }
+source "$REPO_DIR/slurm/common.sh" \
+  || { echo "submit from the repository root or set REPO_DIR" >&2; exit 2; }
 launch "$@"

@@ -15,6 +15,9 @@
 #SBATCH --signal=B:USR1@600
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
+# Your site's account and partition: drop one '#' (or pass sbatch -A ... -p ...).
+##SBATCH --account=<account>
+##SBATCH --partition=<partition>
 set -euo pipefail
 
 : "${DATA_PATH:?set DATA_PATH to the dataset prefix(es), e.g. /data/corpus_text_document}"
@@ -25,5 +28,6 @@ SAVE_INTERVAL=${SAVE_INTERVAL:-500}
 
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
 # shellcheck source=slurm/common.sh
-source "$REPO_DIR/slurm/common.sh" || { echo "submit from the repository root or set REPO_DIR" >&2; exit 2; }
+source "$REPO_DIR/slurm/common.sh" \
+  || { echo "submit from the repository root or set REPO_DIR" >&2; exit 2; }
 launch "$@"

@@ -17,6 +17,9 @@
 #SBATCH --signal=B:USR1@300
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
+# Your site's account and partition: drop one '#' (or pass sbatch -A ... -p ...).
+##SBATCH --account=<account>
+##SBATCH --partition=<partition>
 set -euo pipefail
 
 : "${PRETRAINED_CHECKPOINT:?set PRETRAINED_CHECKPOINT to the converted LLaMA-2 7B checkpoint}"
@@ -29,5 +32,6 @@ SAVE_INTERVAL=${SAVE_INTERVAL:-500}
 
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
 # shellcheck source=slurm/common.sh
-source "$REPO_DIR/slurm/common.sh" || { echo "submit from the repository root or set REPO_DIR" >&2; exit 2; }
+source "$REPO_DIR/slurm/common.sh" \
+  || { echo "submit from the repository root or set REPO_DIR" >&2; exit 2; }
 launch "$@"

@@ -17,6 +17,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "parallel: launches torchrun with 2 processes")
     config.addinivalue_line("markers", "slow: longer end-to-end test")
     config.addinivalue_line("markers", "triton: needs Triton (the [dev] extra installs it)")
+    config.addinivalue_line("markers", "slurm: starts a real single-host SLURM (root, slurm-wlm, "
+                                       "munge: .ci/install_slurm.sh); skipped with the reason "
+                                       "where it cannot")
 
 
 def pytest_collection_modifyitems(config, items):
