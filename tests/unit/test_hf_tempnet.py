@@ -13,11 +13,12 @@ from megatron_tempnet.tempnet.config import TempNetConfig
 ATOL = 2e-5  # fp32, different op order between megatron-core and transformers
 
 
-def our_model(single_process, preset, loss_mode, seed, arch="paper"):
+def our_model(single_process, preset, loss_mode, seed, arch="paper", **tempnet):
     torch.manual_seed(seed)
     cfg = load_model_preset(preset, vocab_size=250)  # padded to 256: pad rows are exported
     tcfg = TempNetConfig(loss_mode=loss_mode, hidden_size=32, tau_min=0.3, tau_max=3.0,
-                         arch=arch, **({"tau0": 0.8} if arch == "scale_aware" else {}))
+                         arch=arch, **({"tau0": 0.8} if arch == "scale_aware" else {}),
+                         **tempnet)
     model = build_tempnet_model(cfg, tcfg, single_process, seed=seed).eval()
     with torch.no_grad():  # make pad rows, pooling / the output layer non-trivial
         for name, p in model.named_parameters():
@@ -62,6 +63,10 @@ def test_export_without_tempnet_is_plain(single_process, tmp_path):
     export_hf(str(tmp_path), model_tensors(model), cfg)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
+    assert "auto_map" not in hf.config.to_dict()  # no model code: nothing to trust
+    assert not list(tmp_path.glob("*tempnet*.py")) and not (tmp_path / "requirements.txt").exists()
+    assert "A plain model" in (tmp_path / "README.md").read_text()
+    assert hf.generation_config.do_sample and hf.generation_config.temperature == 1.0
     tokens = torch.randint(0, 250, (2, 11))
     with torch.no_grad():
         ours = model(tokens, torch.arange(11).expand(2, 11), None)[..., :250]
@@ -88,5 +93,94 @@ def test_generate_tool_modes(single_process, tmp_path, tokenizers):
         assert out.returncode == 0, out.stderr[-3000:]
         assert out.stdout.startswith("The value"), out.stdout
         if extra == ["--show-tau"]:
-            taus = [float(line.split("tau ")[1]) for line in out.stdout.splitlines() if "tau " in line]
+            taus = [float(line.split("tau ")[1]) for line in out.stdout.splitlines()
+                    if "tau " in line]
             assert len(taus) == 5 and all(0.3 <= t <= 3.0 for t in taus)
+
+
+@pytest.mark.parametrize("loss_mode", ["tempnet_dro", "dro_exact"])
+def test_loss_is_the_ce_of_the_returned_logits(single_process, tmp_path, loss_mode, seed):
+    """``model(x, labels=y).loss`` is the CE of the tempered logits returned (labels shifted,
+    -100 ignored): our model's tempered CE over the tokenizer's rows, not the tau = 1 CE."""
+    import torch.nn.functional as F
+
+    # rho 3 < log V and peaked logits: dro_exact's tau* inside the bounds
+    model, cfg, tcfg = our_model(single_process, "tiny-llama", loss_mode, seed, rho=3.0)
+    with torch.no_grad():
+        model.output_layer.weight.mul_(20.0)
+    export_hf(str(tmp_path), model_tensors(model), cfg, tcfg)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tokens = torch.randint(0, 250, (2, 21), generator=torch.Generator().manual_seed(seed))
+    labels = tokens.clone()
+    labels[1, 5:9] = -100
+    with torch.no_grad():
+        logits = model(tokens, torch.arange(21).expand(2, 21), None)  # [b, s, 256]
+        tau = model.token_tau(logits)
+        out = hf(tokens, labels=labels, return_tau=True)
+        hf.use_tempnet = False
+        plain = hf(tokens, labels=labels)
+    keep = labels[:, 1:] != -100
+    tempered = logits[:, :-1, :250] / tau[:, :-1, None]
+    expected = F.cross_entropy(tempered[keep], labels[:, 1:][keep])
+    torch.testing.assert_close(out.loss, expected, atol=2e-5, rtol=1e-5, msg=f"seed {seed}")
+    manual = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, manual, atol=1e-6, rtol=1e-6)
+    at_one = F.cross_entropy(logits[:, :-1, :250][keep], labels[:, 1:][keep])
+    torch.testing.assert_close(plain.loss, at_one, atol=2e-5, rtol=1e-5)
+    assert abs(out.loss - plain.loss) > 1e-3 and out.tau.std() > 1e-4
+    as_tuple = hf(tokens, labels=labels, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], plain.loss)
+
+
+def test_export_generation_config_and_model_card(single_process, tmp_path, tokenizers):
+    """generation_config.json samples at temperature 1 with the tokenizer's special ids; the
+    model card tells the architecture, TempNet settings, training and evaluation."""
+    import json
+
+    from megatron_tempnet.hf.model_card import read_eval_jsonl
+    from megatron_tempnet.training.evaluate import format_eval_table
+
+    tok = tokenizers["huggingface"]
+    torch.manual_seed(1)
+    cfg = load_model_preset("tiny-gpt", vocab_size=tok.vocab_size)
+    tcfg = TempNetConfig(loss_mode="tempnet_dro", hidden_size=32, tau_min=0.3, tau_max=3.0,
+                         arch="scale_aware", tau0=0.8, rho=4.0)
+    model = build_tempnet_model(cfg, tcfg, single_process, seed=1).eval()
+    metrics = {"eval tokens": 4096.0, "accuracy": 0.25, "ppl tau=1": 30.5, "ece tau=1": 0.12,
+               "ppl tempnet": 28.25, "ece tempnet": 0.03, "tau mean": 0.91, "tau std": 0.2,
+               "best T": 0.95, "ppl best T": 29.0, "ece best T": 0.05}
+    format_eval_table(metrics)  # the metrics evaluate writes
+    lines = [{"split": "valid", "iteration": 100, **metrics, "ppl tempnet": 99.0},
+             {"split": "valid", "iteration": 200, **metrics}, {"note": "not metrics"}]
+    jsonl = tmp_path / "eval.jsonl"
+    jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert read_eval_jsonl(str(jsonl), 200)["ppl tempnet"] == 28.25
+    assert read_eval_jsonl(str(jsonl), 100)["ppl tempnet"] == 99.0
+    assert read_eval_jsonl(str(jsonl), 7)["iteration"] == 200  # none of 7: the last
+    record = {"train": {"seq_length": 64, "global_batch_size": 8, "train_iters": 300,
+                        "lr": 3e-4, "min_lr": 3e-5, "lr_decay_style": "cosine",
+                        "precision": "bf16"},
+              "tempnet": {"training_mode": "scratch"}, "parallel": {"tp": 2, "pp": 1, "dp": 2}}
+    out = tmp_path / "hf"
+    export_hf(str(out), model_tensors(model), cfg, tcfg, tokenizer_file=tok.path,
+              card={"source": "/ckpt/run7/iter_0000200", "iteration": 200,
+                    "consumed_samples": 1600, "record": record,
+                    "evaluation": read_eval_jsonl(str(jsonl), 200),
+                    "training_data": "the demo corpus"})
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["do_sample"] is True and gen["temperature"] == 1.0 and gen["top_k"] == 0
+    assert gen["eos_token_id"] == gen["bos_token_id"] == tok.eod
+    assert gen["pad_token_id"] == tok.pad_id
+    config = json.loads((out / "config.json").read_text())
+    assert (config["eos_token_id"], config["pad_token_id"]) == (tok.eod, tok.pad_id)
+    card = (out / "README.md").read_text()
+    for expected in ("`TempNetGPT2ForCausalLM` (GPT-2)", "| TempNet design | `scale_aware` |",
+                     "| tau bounds | [0.3, 3.0] |", "| rho (KL radius) | 4.0 |",
+                     "| initial tau | 0.8 |", "| iteration | 200 |",
+                     "| tokens seen | 102,400 |", "| layout (TP / PP / DP) | 2 / 1 / 2 |",
+                     "| data | the demo corpus |", "| tau = 1 | 30.5000 | 0.1200 |",
+                     "| own tau (TempNet), mean 0.910 | 28.2500 | 0.0300 |",
+                     "| best global T = 0.95 | 29.0000 | 0.0500 |", "trust_remote_code=True",
+                     "lm_eval --model hf", ".loss", "transformers >= 4.57"):
+        assert expected in card, expected
+    assert (out / "requirements.txt").read_text().startswith("torch>=")
