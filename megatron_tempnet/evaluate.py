@@ -64,7 +64,7 @@ def settings_from_checkpoint(run, argv) -> None:
     from megatron_tempnet.config import ModelConfig
     from megatron_tempnet.tempnet.config import TempNetConfig
     from megatron_tempnet.training.checkpoint_layout import resolve_load_dir
-    from megatron_tempnet.training.stage import read_run_record
+    from megatron_tempnet.training.run_record import read_run_record
 
     if not run.checkpoint.load:
         return

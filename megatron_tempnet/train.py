@@ -4,7 +4,7 @@ Builds, in order: tokenizer -> every config check (arguments.resolve) -> process
 datasets -> model stage -> DDP -> optimizer ->
 scheduler -> checkpoint (--load) -> data position, then runs the train loop
 (megatron_tempnet/training/loop.py). Exit codes: 0 done; 2 a bad input (one line, cli.py);
-checkpointing.EXIT_CODE_PREEMPTED (3, SIGTERM/SIGUSR1, also during start-up) and
+run_control.EXIT_CODE_PREEMPTED (3, SIGTERM/SIGUSR1, also during start-up) and
 EXIT_CODE_TIME_LIMIT (4, --exit-duration-in-mins) after saving a checkpoint; EXIT_CODE_DIVERGED
 (5) on a non-finite loss / grad norm, a loss spike or a collapse to ln V, nothing saved. Rank 0
 also writes them to <--save>/exit_status.json (torchrun reports every failure as 1).

@@ -29,10 +29,9 @@ def _single_process():
 
 def checkpoint_config(path: Path) -> tuple[ModelConfig, TempNetConfig, dict]:
     """The model and TempNet configs a checkpoint directory was saved with."""
-    from megatron.core import dist_checkpointing
+    from megatron_tempnet.training.run_record import read_run_record
 
-    common = dist_checkpointing.load_common_state_dict(str(path))
-    record = common["config"]
+    record = read_run_record(path)
     model = ModelConfig(**record["model"])
     tempnet = TempNetConfig(**record["tempnet"])
     return model, tempnet, record

@@ -1,13 +1,13 @@
 """What a checkpoint remembers of the run that saved it (:func:`run_record`: the model / tempnet
 / train / parallel sections as plain dicts) and the checks a load makes against this run's:
 tensor shapes (:func:`check_shapes`), TempNet settings, data order and lr / weight-decay
-schedule (``*_differences``: (flag, checkpoint value, this run's value)). No torch."""
+schedule (``*_differences``: (flag, checkpoint value, this run's value)). No torch at import."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from megatron_tempnet.config import ConfigError
+from megatron_tempnet.config import ConfigError, padded_vocab_size
 from megatron_tempnet.tempnet.config import TEMPNET_LOSS_MODES
 
 # Model fields that decide tensor shapes (compared before any tensor is loaded).
@@ -20,6 +20,25 @@ def run_record(model_cfg, tempnet_cfg, train_cfg, ctx) -> dict:
     return {"model": dataclasses.asdict(model_cfg), "tempnet": dataclasses.asdict(tempnet_cfg),
             "train": dataclasses.asdict(train_cfg),
             "parallel": {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size}}
+
+
+def read_run_record(path, fmt: str = "torch_dist") -> dict:
+    """The run record of the checkpoint directory ``path`` in format ``fmt`` (a key of
+    checkpoint_layout.CHECKPOINT_FORMATS; no tensor read: torch is imported here only)."""
+    if fmt == "deepspeed":
+        from megatron_tempnet.training.deepspeed import read_client_state
+
+        return read_client_state(path)["config"]
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(path))["config"]
+
+
+def saved_padded_vocab(record: dict) -> int:
+    """The padded vocabulary of the model a checkpoint's run record describes."""
+    m = record["model"]
+    return padded_vocab_size(m["vocab_size"], m["make_vocab_size_divisible_by"],
+                             record["parallel"]["tp"])
 
 
 def shape_mismatches(saved: dict, current: dict, *, finetune: bool) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from megatron_tempnet.arguments import RunConfig, resolve
 from megatron_tempnet.cli import process_rank
-from megatron_tempnet.config import ConfigError, padded_vocab_size
+from megatron_tempnet.config import ConfigError
 from megatron_tempnet.data.tokenizers import load_tokenizer
 from megatron_tempnet.models.gpt import scale_options
 from megatron_tempnet.models.tempnet_gpt import build_tempnet_model, loss_channels
@@ -14,6 +14,7 @@ from megatron_tempnet.parallel.runtime import detect_launch_env
 from megatron_tempnet.training.checkpoint_layout import resolve_load_dir
 from megatron_tempnet.training.optim import precision_dtype
 from megatron_tempnet.training.reports import ReportSpec
+from megatron_tempnet.training.run_record import read_run_record, saved_padded_vocab
 
 
 def start(run: RunConfig):
@@ -27,13 +28,6 @@ def start(run: RunConfig):
     ctx = initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                      run.train.seed, virtual_pp=par.virtual_size)
     return ctx, tokenizer
-
-
-def saved_padded_vocab(record: dict) -> int:
-    """The padded vocabulary of the model a checkpoint's run record describes."""
-    m = record["model"]
-    return padded_vocab_size(m["vocab_size"], m["make_vocab_size_divisible_by"],
-                             record["parallel"]["tp"])
 
 
 def keep_checkpoint_padding(run: RunConfig, tp: int) -> None:
@@ -69,17 +63,6 @@ def keep_checkpoint_padding(run: RunConfig, tp: int) -> None:
         print(f"note: the checkpoint's vocabulary padding ({saved} rows, saved at TP="
               f"{record['parallel']['tp']}) is kept at TP={tp}: --make-vocab-size-divisible-by "
               f"{saved // tp}", flush=True)
-
-
-def read_run_record(path, fmt: str) -> dict:
-    """The run record of the checkpoint directory ``path`` in format ``fmt`` (no tensor read)."""
-    if fmt == "deepspeed":
-        from megatron_tempnet.training.deepspeed import read_client_state
-
-        return read_client_state(path)["config"]
-    from megatron.core import dist_checkpointing
-
-    return dist_checkpointing.load_common_state_dict(str(path))["config"]
 
 
 def build_stage(run: RunConfig, ctx: ParallelContext) -> list:

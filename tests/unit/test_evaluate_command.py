@@ -63,14 +63,14 @@ def test_load_brings_the_model_and_tempnet_settings(monkeypatch, tmp_path):
 
     from megatron_tempnet.config import load_model_preset
     from megatron_tempnet.tempnet.config import TempNetConfig
-    from megatron_tempnet.training import checkpoint_layout, stage
+    from megatron_tempnet.training import checkpoint_layout, run_record
 
     record = {"model": dataclasses.asdict(load_model_preset("tiny-gpt", vocab_size=500)),
               "tempnet": dataclasses.asdict(TempNetConfig(loss_mode="tempnet_dro", rho=2.0,
                                                           hidden_size=16)),
               "parallel": {"tp": 1, "pp": 1, "dp": 1}}
     monkeypatch.setattr(checkpoint_layout, "resolve_load_dir", lambda load, save: tmp_path)
-    monkeypatch.setattr(stage, "read_run_record", lambda path, fmt: record)
+    monkeypatch.setattr(run_record, "read_run_record", lambda path, fmt: record)
     run, *_ = parse(["--load", str(tmp_path), "--tempnet-rho", "3"])
     assert (run.model.family, run.model.num_layers, run.model.hidden_size) == (
         "gpt", record["model"]["num_layers"], record["model"]["hidden_size"])
