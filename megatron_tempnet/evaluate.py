@@ -63,16 +63,17 @@ def settings_from_checkpoint(run, argv) -> None:
     from megatron_tempnet.arguments import given_fields
     from megatron_tempnet.config import ModelConfig
     from megatron_tempnet.tempnet.config import TempNetConfig
-    from megatron_tempnet.training.checkpoint_layout import resolve_load_dir
+    from megatron_tempnet.training.checkpoint_layout import load_format, resolve_load_dir
     from megatron_tempnet.training.run_record import read_run_record
 
     if not run.checkpoint.load:
         return
-    path = resolve_load_dir(run.checkpoint.load, None)
+    fmt = load_format(run.checkpoint.load)
+    path = resolve_load_dir(run.checkpoint.load, None, fmt)
     if path is None:
         return
     try:
-        record = read_run_record(path, "torch_dist")
+        record = read_run_record(path, fmt)
     except Exception:  # noqa: BLE001 -- the load's checksum check names the corrupt file
         return
     given = given_fields(argv)
@@ -88,8 +89,10 @@ def settings_from_checkpoint(run, argv) -> None:
 
 def load_model_weights(chunks: list, run, ctx, log) -> int | None:
     """THE checkpoint-loading call site: model weights (TempNet included) from ``--load`` via
-    training/checkpointing.py, with its shape check; no optimizer, scheduler or RNG state.
-    Returns the checkpoint's iteration, or None when nothing was loaded."""
+    training/checkpointing.py (a DeepSpeed checkpoint: training/deepspeed.py's
+    DeepSpeedModelLoader, at its TP), with its shape check; no optimizer, scheduler or RNG
+    state. Returns the checkpoint's iteration, or None when nothing was loaded."""
+    from megatron_tempnet.training.checkpoint_layout import load_format
     from megatron_tempnet.training.checkpointing import Checkpointer
     from megatron_tempnet.training.run_record import run_record
 
@@ -100,8 +103,14 @@ def load_model_weights(chunks: list, run, ctx, log) -> int | None:
         return None
     cfg = dataclasses.replace(ck, save=None, finetune=False, no_load_optim=True,
                               no_load_rng=True).validate()
-    loader = Checkpointer(cfg, chunks, optimizer=None, scheduler=None, ctx=ctx,
-                          record=run_record(run.model, run.tempnet, run.train, ctx), log=log)
+    record = run_record(run.model, run.tempnet, run.train, ctx)
+    if load_format(ck.load) == "deepspeed":
+        from megatron_tempnet.training.deepspeed import DeepSpeedModelLoader
+
+        loader = DeepSpeedModelLoader(cfg, chunks, ctx, record, log=log)
+    else:
+        loader = Checkpointer(cfg, chunks, optimizer=None, scheduler=None, ctx=ctx,
+                              record=record, log=log)
     return loader.load()["iteration"]
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checkpoint (saved at any TP/PP) -> Hugging Face directory.
+"""Checkpoint (saved at any TP/PP, or by DeepSpeed) -> Hugging Face directory.
 
     python tools/convert_checkpoint_to_hf.py --load checkpoints/run1 --output hf/run1 \
         --tokenizer-model tokenizer.model
@@ -14,7 +14,10 @@ tokenizer_config.json; a SentencePiece model also as tokenizer.model) and a mode
 code (torch and transformers only) the directory carries: load it with
 ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``, or after
 ``import megatron_tempnet.hf.modeling`` without; a plain one LlamaForCausalLM / GPT2LMHeadModel.
-The model configuration is read from the checkpoint itself.
+The model configuration is read from the checkpoint itself. A DeepSpeed checkpoint is first
+converted to a megatron-core one (tools/convert_deepspeed_checkpoint.py: one process per saved
+TP rank) in a temporary directory beside --output. Prints what it wrote (class, dtype,
+parameters, TempNet settings). Runs on the CPU on a free port.
 """
 import argparse
 import sys
@@ -25,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from megatron_tempnet.cli import run_command  # noqa: E402
-from megatron_tempnet.hf.convert import checkpoint_to_hf  # noqa: E402
+from megatron_tempnet.hf.convert import checkpoint_to_hf, describe_hf_dir  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,7 +46,7 @@ def _main(argv=None) -> int:
     args = p.parse_args(argv)
     out = checkpoint_to_hf(args.load, args.output, args.tokenizer_model, DTYPES[args.dtype],
                            eval_jsonl=args.eval_jsonl, training_data=args.training_data)
-    print(f"wrote {out}")
+    print(describe_hf_dir(out))
     return 0
 
 

@@ -22,9 +22,11 @@ from megatron_tempnet.training import integrity
 
 
 def _single_process():
+    """TP=1, PP=1 in this process on a free port: a surrounding job's MASTER_PORT, RANK or
+    WORLD_SIZE (a SLURM step, a torchrun shell) are not this tool's."""
     from megatron_tempnet.parallel import initialize
 
-    return initialize(1, 1, seed=0)
+    return initialize(1, 1, seed=0, environ={"MASTER_ADDR": "127.0.0.1"})
 
 
 def checkpoint_config(path: Path) -> tuple[ModelConfig, TempNetConfig, dict]:
@@ -43,8 +45,30 @@ def model_for_layout(model_cfg: ModelConfig, saved_tp: int) -> ModelConfig:
         model_cfg, make_vocab_size_divisible_by=model_cfg.make_vocab_size_divisible_by * saved_tp)
 
 
-def load_checkpoint_full(load: str) -> tuple[dict, ModelConfig, TempNetConfig]:
-    """The full (TP=1, PP=1) state dict of the checkpoint at ``load`` (a save dir or iter dir)."""
+def load_checkpoint_full(load: str, scratch_dir: str | None = None
+                         ) -> tuple[dict, ModelConfig, TempNetConfig]:
+    """The full (TP=1, PP=1) state dict of the checkpoint at ``load`` (a save dir or iter dir).
+    A DeepSpeed checkpoint is first converted to a megatron-core one
+    (training/convert_deepspeed.py) in a temporary directory inside ``scratch_dir`` (default:
+    the system's), deleted afterwards."""
+    from megatron_tempnet.training.checkpoint_layout import load_format
+
+    if load_format(load) == "deepspeed":
+        import tempfile
+
+        from megatron_tempnet.training.convert_deepspeed import deepspeed_to_torch_dist
+
+        with tempfile.TemporaryDirectory(prefix="deepspeed-to-torch-dist-",
+                                         dir=scratch_dir) as tmp:
+            return load_checkpoint_full(str(deepspeed_to_torch_dist(load, tmp, log=_quiet)))
+    return _load_torch_dist_full(load)
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def _load_torch_dist_full(load: str) -> tuple[dict, ModelConfig, TempNetConfig]:
     from megatron.core import dist_checkpointing
 
     from megatron_tempnet.models.sharding import model_tensors
@@ -110,7 +134,7 @@ def checkpoint_to_hf(load: str, output: str, tokenizer_file: str | None = None,
                           "SentencePiece .model or tokenizers .json the run trained with")
     info = checkpoint_info(load)
     evaluation = read_eval_jsonl(eval_jsonl, info.get("iteration")) if eval_jsonl else None
-    full, cfg, tempnet_cfg = load_checkpoint_full(load)
+    full, cfg, tempnet_cfg = load_checkpoint_full(load, scratch_dir=str(out.absolute().parent))
     # a TempNet head or the exact tau* ("dro_exact"); "ce" and "dro_fixed_tau" export plain
     return export_hf(output, full, cfg, tempnet_cfg if has_own_tau(tempnet_cfg) else None,
                      tokenizer_file=tokenizer_file, dtype=dtype,
@@ -123,11 +147,15 @@ def checkpoint_info(load: str) -> dict:
     follows names the problem)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_tempnet.training.checkpoint_layout import resolve_load_dir
+    from megatron_tempnet.training.checkpoint_layout import load_format, resolve_load_dir
+    from megatron_tempnet.training.deepspeed import read_client_state
 
     try:
-        path = resolve_load_dir(load, None)
-        common = dist_checkpointing.load_common_state_dict(str(path)) if path else None
+        fmt = load_format(load)
+        path = resolve_load_dir(load, None, fmt)
+        read = read_client_state if fmt == "deepspeed" else (
+            lambda p: dist_checkpointing.load_common_state_dict(str(p)))
+        common = read(path) if path else None
     except Exception:  # noqa: BLE001  (load_checkpoint_full reports a bad checkpoint)
         return {}
     if not isinstance(common, dict):
@@ -136,7 +164,8 @@ def checkpoint_info(load: str) -> dict:
             "consumed_samples": common.get("consumed_samples"), "record": common.get("config")}
 
 
-HF_FAMILIES = {"llama": "llama", "gpt2": "gpt"}  # Hugging Face model_type -> our family
+# Hugging Face model_type -> our family; the TempNet ones are this project's own exports
+HF_FAMILIES = {"llama": "llama", "gpt2": "gpt", "tempnet_llama": "llama", "tempnet_gpt2": "gpt"}
 
 
 def read_hf_config(hf_dir: str) -> tuple[dict, str]:
@@ -160,16 +189,65 @@ def read_hf_config(hf_dir: str) -> tuple[dict, str]:
     return config, family
 
 
-def hf_to_full(hf_dir: str, make_vocab_size_divisible_by: int = 128) -> tuple[dict, ModelConfig]:
-    """A Hugging Face LLaMA or GPT-2 directory -> (full megatron state dict, ModelConfig)."""
+def exported_tempnet_config(config: dict) -> TempNetConfig | None:
+    """The TempNetConfig a TempNet export (config.json's ``tempnet``) was trained with; None
+    for a plain model."""
+    if "tempnet" not in config:
+        return None
+    names = {f.name for f in dataclasses.fields(TempNetConfig)}
+    try:
+        return TempNetConfig(**{k: v for k, v in config["tempnet"].items() if k in names})
+    except TypeError as e:
+        raise ConfigError(f"config.json's tempnet section {config['tempnet']!r} is not "
+                          f"TempNet's settings ({e})") from e
+
+
+def vocab_divisible_by(config: dict, divisible_by: int | None, target_tp: int) -> int:
+    """make_vocab_size_divisible_by for a model converted for ``target_tp``: the given value
+    (default 128); a TempNet export keeps the padded vocabulary it was trained with (its head
+    reads those logits): padded / TP, and a given value must give the same padding."""
+    from megatron_tempnet.config import padded_vocab_size
+
+    padded = config.get("padded_vocab_size") if "tempnet" in config else None
+    if padded is None:
+        return divisible_by or 128
+    if padded % target_tp:
+        raise ConfigError(f"--target-tensor-parallel-size {target_tp} does not divide the "
+                          f"{padded} padded vocabulary rows TempNet was trained on: use a TP "
+                          f"that divides {padded}")
+    if divisible_by and padded_vocab_size(config["vocab_size"], divisible_by,
+                                          target_tp) != padded:
+        raise ConfigError(f"--make-vocab-size-divisible-by {divisible_by} pads the vocabulary "
+                          f"to another size than the {padded} rows TempNet was trained on: "
+                          "drop the flag (the export's padding is kept)")
+    return padded // target_tp
+
+
+def hf_to_full(hf_dir: str, make_vocab_size_divisible_by: int | None = None, target_tp: int = 1
+               ) -> tuple[dict, ModelConfig, TempNetConfig | None]:
+    """A Hugging Face LLaMA or GPT-2 directory (or a TempNet export of this project) -> (full
+    megatron state dict with the vocabulary padded for ``target_tp``, ModelConfig, the
+    TempNetConfig of a TempNet export or None). A TempNet export's padded output rows come
+    back from its ``pad_logit_weight`` and its ``tempnet.*`` weights are kept."""
     from transformers import AutoModelForCausalLM
 
+    import megatron_tempnet.hf.modeling  # noqa: F401  (the TempNet Auto classes)
     from megatron_tempnet.hf import family_module
+    from megatron_tempnet.hf.export import TEMPNET_PREFIX, output_key
 
-    _, family = read_hf_config(hf_dir)
+    config, family = read_hf_config(hf_dir)
+    tempnet_cfg = exported_tempnet_config(config)
+    divisible = vocab_divisible_by(config, make_vocab_size_divisible_by, target_tp)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
-    cfg = model_config_from_hf(family, model.config, make_vocab_size_divisible_by)
-    return family_module(family).from_hf(model.state_dict(), cfg), cfg
+    cfg = model_config_from_hf(family, model.config, divisible)
+    hf = model.state_dict()
+    rows = model_for_layout(cfg, target_tp).padded_vocab_size()
+    full = {k: _pad_rows(v, rows) if k in VOCAB_KEYS else v
+            for k, v in family_module(family).from_hf(hf, cfg).items()}
+    if tempnet_cfg is not None:
+        full.update({k: v for k, v in hf.items() if k.startswith(TEMPNET_PREFIX)})
+        full[output_key(cfg)][cfg.vocab_size:] = hf["pad_logit_weight"]
+    return full, cfg, tempnet_cfg
 
 
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -197,60 +275,124 @@ def model_config_from_hf(family: str, c, make_vocab_size_divisible_by: int) -> M
         make_vocab_size_divisible_by=make_vocab_size_divisible_by)
 
 
-def hf_to_checkpoint(hf_dir: str, save: str, make_vocab_size_divisible_by: int = 128,
+def hf_to_checkpoint(hf_dir: str, save: str, make_vocab_size_divisible_by: int | None = None,
                      target_tp: int = 1) -> Path:
     """Write ``save``/iter_0000000 (model weights only) + the latest marker: ready for
     ``--load SAVE --finetune`` (finetune and frozen-LM modes). dist_checkpointing reshards to
     any TP/PP; only the vocabulary padding depends on the TP size (divisible_by x TP), so the
-    embedding is padded for ``target_tp``."""
-    from megatron_tempnet.models.gpt import build_model
-    from megatron_tempnet.models.sharding import load_local
+    embedding is padded for ``target_tp`` (a TempNet export keeps its own padding). A TempNet
+    export keeps its TempNet weights, and its settings go into the run record."""
     from megatron_tempnet.config import TrainConfig
+    from megatron_tempnet.models.sharding import load_local
+    from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
     from megatron_tempnet.training.checkpoint_layout import (CHECKPOINT_VERSION, iteration_dir,
                                                              write_latest)
-    from megatron_tempnet.training.checkpointing import model_sharded_state_dict, save_sharded
+    from megatron_tempnet.training.checkpointing import (WEIGHTS_ONLY, model_sharded_state_dict,
+                                                         save_sharded)
+    from megatron_tempnet.training.convert_deepspeed import check_new_save_dir
 
-    _check_hf_to_checkpoint(hf_dir, save, make_vocab_size_divisible_by, target_tp)
-    full, cfg = hf_to_full(hf_dir, make_vocab_size_divisible_by)
+    _check_hf_to_checkpoint(hf_dir, make_vocab_size_divisible_by, target_tp)
+    check_new_save_dir(save)
+    full, cfg, tempnet_cfg = hf_to_full(hf_dir, make_vocab_size_divisible_by, target_tp)
+    tempnet_cfg = tempnet_cfg or TempNetConfig()
     padded = model_for_layout(cfg, target_tp)
-    full = {k: _pad_rows(v, padded.padded_vocab_size()) if k in VOCAB_KEYS else v
-            for k, v in full.items()}
     ctx = _single_process()
-    model = build_model(padded, ctx)
+    model = build_tempnet_model(padded, dataclasses.replace(tempnet_cfg, training_mode="scratch"),
+                                ctx)
     load_local(model, full)
     path = iteration_dir(save, 0)
     path.mkdir(parents=True, exist_ok=True)
     state = model_sharded_state_dict([model])
     state.update(iteration=0, consumed_samples=0, checkpoint_version=CHECKPOINT_VERSION,
                  config={"model": dataclasses.asdict(cfg),
-                         "tempnet": dataclasses.asdict(TempNetConfig()),
+                         "tempnet": dataclasses.asdict(tempnet_cfg),
                          "train": dataclasses.asdict(TrainConfig()),
-                         "parallel": {"tp": target_tp, "pp": 1, "dp": 1}})
+                         "parallel": {"tp": target_tp, "pp": 1, "dp": 1}},
+                 **{WEIGHTS_ONLY: f"converted from the Hugging Face model {hf_dir}"})
     save_sharded(state, path)
     integrity.write_manifest(path)
     write_latest(save, 0)
     return path
 
 
-def _check_hf_to_checkpoint(hf_dir: str, save: str, divisible_by: int, target_tp: int) -> None:
+def _check_hf_to_checkpoint(hf_dir: str, divisible_by: int | None, target_tp: int) -> None:
     """The bad inputs of hf_to_checkpoint, found before any weight is read or file written."""
     from math import gcd
-
-    from megatron_tempnet.training.checkpoint_layout import LATEST_FILE, saved_iterations
 
     config, family = read_hf_config(hf_dir)
     heads = config.get("num_attention_heads" if family == "llama" else "n_head")
     groups = (config.get("num_key_value_heads") if family == "llama" else None) or heads
-    if divisible_by < 1:
+    if divisible_by is not None and divisible_by < 1:
         raise ConfigError(f"--make-vocab-size-divisible-by {divisible_by} must be >= 1: use 128")
     if heads and (target_tp < 1 or heads % target_tp or groups % target_tp):
         valid = [tp for tp in range(1, gcd(heads, groups) + 1) if gcd(heads, groups) % tp == 0]
         raise ConfigError(
             f"--target-tensor-parallel-size {target_tp} does not divide the {heads} attention "
             f"heads / {groups} query groups of {hf_dir}: use one of {valid}")
-    root = Path(save)
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"--save {save} is a file, not a directory: give another --save")
-    if root.is_dir() and ((root / LATEST_FILE).exists() or saved_iterations(root)):
-        raise ConfigError(f"--save {save} already holds a checkpoint; refusing to overwrite it: "
-                          "give another --save (or delete that directory)")
+    vocab_divisible_by(config, divisible_by, target_tp)
+    exported_tempnet_config(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a converter wrote, read back from what it wrote (the tools print it)
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+
+
+def _tempnet_words(t: dict | None) -> str:
+    if not t:
+        return "no TempNet (plain model)"
+    words = f"TempNet loss mode {t.get('loss_mode')}"
+    if t.get("loss_mode") != "dro_exact":
+        words += f", arch {t.get('arch', 'paper')}, hidden {t.get('hidden_size')}"
+    return words + f", tau in [{t.get('tau_min')}, {t.get('tau_max')}], rho {t.get('rho')}"
+
+
+def describe_hf_dir(out: Path) -> str:
+    """One line on the Hugging Face directory ``out``: class, dtype, parameters (TempNet's),
+    TempNet settings, how to load it."""
+    from safetensors import safe_open
+
+    config = json.loads((Path(out) / "config.json").read_text())
+    total = tempnet = 0
+    dtypes = set()
+    for file in sorted(Path(out).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                part = f.get_slice(key)
+                n = int(torch.Size(part.get_shape()).numel())
+                total += n
+                tempnet += n if key.startswith("tempnet.") else 0
+                dtypes.add(part.get_dtype())
+    cls = (config.get("architectures") or ["?"])[0]
+    how = ("AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)"
+           if "auto_map" in config else "AutoModelForCausalLM.from_pretrained(DIR)")
+    tn = f" (TempNet {_count(tempnet)})" if tempnet else ""
+    return (f"wrote {out}: {cls}, {'/'.join(sorted(dtypes))}, {_count(total)} parameters{tn}, "
+            f"{_tempnet_words(config.get('tempnet'))}; load with {how}")
+
+
+def describe_checkpoint(path: Path) -> str:
+    """One line on the checkpoint directory ``path`` written by a converter: model, vocabulary
+    padding and layout, parameters, TempNet settings, how to use it."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    record = common["config"]
+    m, tp = record["model"], record["parallel"]["tp"]
+    meta = dist_checkpointing.load_tensors_metadata(str(path))
+    shapes = {k: v.global_shape for k, v in meta.items()}
+    total = sum(int(torch.Size(s).numel()) for s in shapes.values())
+    tempnet = sum(int(torch.Size(s).numel()) for k, s in shapes.items() if "tempnet." in k)
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in meta.values()})
+    from megatron_tempnet.training.run_record import saved_padded_vocab
+
+    t = record["tempnet"] if record["tempnet"]["loss_mode"] != "ce" else None
+    tn = f" (TempNet {_count(tempnet)})" if tempnet else ""
+    return (f"wrote {path}: {m['family']} {m['num_layers']} layers, hidden {m['hidden_size']}, "
+            f"vocabulary {m['vocab_size']} padded to {saved_padded_vocab(record)} (for TP={tp}), "
+            f"{'/'.join(dtypes)}, {_count(total)} parameters{tn}, {_tempnet_words(t)}, "
+            f"iteration {common['iteration']}, model weights only; use it with --load "
+            f"{path.parent} --finetune (a new run) or evaluate it with python -m "
+            f"megatron_tempnet.evaluate --load {path.parent}")

@@ -26,9 +26,13 @@ from megatron_tempnet.tempnet.config import TempNetConfig
 TEMPNET_PREFIX = "tempnet."
 
 
+def output_key(cfg: ModelConfig) -> str:
+    """The key of the output layer's rows in a full megatron state dict."""
+    return "embedding.word_embeddings.weight" if cfg.tie_embeddings else "output_layer.weight"
+
+
 def _output_rows(full: dict, cfg: ModelConfig) -> torch.Tensor:
-    key = "embedding.word_embeddings.weight" if cfg.tie_embeddings else "output_layer.weight"
-    return full[key]
+    return full[output_key(cfg)]
 
 
 def build_hf_model(full: dict, cfg: ModelConfig, tempnet_cfg: TempNetConfig | None = None):

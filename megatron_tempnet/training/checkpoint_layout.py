@@ -23,8 +23,9 @@ CHECKPOINT_FORMATS = {
                    "load it without --deepspeed"),
     "deepspeed": ("mp_rank_00_model_states.pt", "a DeepSpeed checkpoint",
                   "load it with --deepspeed --deepspeed_config <the ZeRO config of its run> "
-                  "(training only: evaluation and the Hugging Face export read megatron-core "
-                  "checkpoints)"),
+                  "(training; evaluation and tools/convert_checkpoint_to_hf.py read it as it "
+                  "is, tools/convert_deepspeed_checkpoint.py makes a megatron-core checkpoint "
+                  "of it)"),
 }
 
 
@@ -86,6 +87,15 @@ def checkpoint_format(path: Path) -> str | None:
         if (path / complete).exists():
             return fmt
     return None
+
+
+def load_format(load: str) -> str:
+    """The format of the checkpoint ``--load`` names (the marker's iteration directory, or the
+    directory itself); "torch_dist" when it holds none yet (the load names the problem)."""
+    root = Path(load)
+    latest = read_latest(root) if root.is_dir() else None
+    path = iteration_dir(root, latest) if latest is not None else root
+    return (checkpoint_format(path) if path.is_dir() else None) or "torch_dist"
 
 
 def _require_format(path: Path, fmt: str, load: str) -> None:

@@ -151,6 +151,10 @@ class LoadPlan:
     load_rng: bool  # the RNG states (same parallel layout only)
 
 
+# In the common state of a checkpoint converted from elsewhere (model weights, no optimizer or
+# RNG state): where its weights came from
+WEIGHTS_ONLY = "model_weights_only"
+
 # The trainer's own state in a checkpoint (training/loop.py TrainLoop.state_dict)
 TRAIN_STATE_KEYS = ("iteration", "consumed_samples")
 
@@ -283,6 +287,11 @@ class Checkpointer:
         saved = read_saved(path)
         check_shapes(path, saved["config"], self.record, finetune=cfg.finetune)
         resume = not cfg.finetune
+        source = saved.get(WEIGHTS_ONLY)
+        if resume and source and not (cfg.no_load_optim and cfg.no_load_rng):
+            raise ConfigError(f"checkpoint {path} holds model weights only ({source}): start a "
+                              "new run from them with --finetune, or continue its iteration "
+                              "and data position with --no-load-optim --no-load-rng")
         if resume:
             self._check_resume(path, saved)
         saved_layout = saved["config"]["parallel"]

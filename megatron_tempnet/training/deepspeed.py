@@ -46,7 +46,8 @@ import torch.distributed as dist
 
 from megatron_tempnet.config import ConfigError, TrainConfig
 from megatron_tempnet.parallel.runtime import ParallelContext
-from megatron_tempnet.training.checkpointing import (Checkpointer, LoadPlan, fresh_train_state,
+from megatron_tempnet.training.checkpointing import (Checkpointer, LoadPlan, _unwrap,
+                                                     fresh_train_state,
                                                      model_weights_loaded)
 from megatron_tempnet.training.optim import build_scheduler, torch_param_groups
 from megatron_tempnet.training.step import ReportSpec, StepOutput, masked_sum_loss
@@ -396,6 +397,51 @@ class DeepSpeedCheckpointer(Checkpointer):
             raise ConfigError(f"checkpoint {plan.path}: missing {lm_missing}, unexpected "
                               f"{sorted(unexpected)} model keys")
         return missing
+
+
+class DeepSpeedModelLoader(DeepSpeedCheckpointer):
+    """Model weights only from a DeepSpeed checkpoint, without a DeepSpeed engine (evaluation,
+    the DeepSpeed -> megatron-core conversion): each tensor-parallel rank reads the module
+    weights of its own ``mp_rank_{tp:02d}_model_states.pt``, after the checks of a load (run
+    record, shapes, TempNet settings). DeepSpeed does not reshard: the same TP, PP = 1; other
+    layouts go through tools/convert_deepspeed_checkpoint.py (a megatron-core checkpoint)."""
+
+    def __init__(self, cfg, model_chunks: list, ctx: ParallelContext, record: dict, log=print):
+        Checkpointer.__init__(self, cfg, model_chunks, None, None, ctx, record, log)
+        self.engine = None
+
+    def load(self) -> dict:
+        plan = self.plan_load(read_client_state)
+        if plan is None:
+            return fresh_train_state()
+        saved = plan.saved["config"]["parallel"]
+        if saved["tp"] != self.ctx.tp_size or self.ctx.pp_size != 1 or len(self.chunks) != 1:
+            raise ConfigError(
+                f"checkpoint {plan.path} is a DeepSpeed checkpoint saved at "
+                f"--tensor-model-parallel-size {saved['tp']}: it loads at that TP with PP=1 only "
+                f"(this run: TP={self.ctx.tp_size}, PP={self.ctx.pp_size}); for another layout "
+                f"convert it first: python tools/convert_deepspeed_checkpoint.py --load "
+                f"{self.cfg.load} --save <new dir>")
+        missing, unexpected = _unwrap(self.chunks[0]).load_state_dict(
+            read_module_states(plan.path, self.ctx.tp_rank), strict=False)
+        missing = [m for m in missing if not m.endswith("_extra_state")
+                   and (plan.resume or not m.startswith("tempnet."))]
+        unexpected = [u for u in unexpected if not u.endswith("_extra_state")
+                      and (plan.resume or not u.startswith("tempnet."))]
+        if missing or unexpected:
+            raise ConfigError(f"checkpoint {plan.path}: missing {missing}, unexpected "
+                              f"{unexpected} model keys")
+        return self.finish_load(plan, None, None, "model weights")
+
+
+def read_module_states(path: Path, tp_rank: int) -> dict:
+    """The module weights (state dict) tensor-parallel rank ``tp_rank`` saved into the
+    DeepSpeed checkpoint directory ``path``."""
+    file = path / MODEL_STATES.format(tp_rank)
+    if not file.exists():
+        raise ConfigError(f"checkpoint {path}: {file.name} is missing (a DeepSpeed checkpoint "
+                          "holds one per tensor-parallel rank): copy the whole directory")
+    return torch.load(file, map_location="cpu", weights_only=False)["module"]
 
 
 def read_client_state(path: Path) -> dict:

@@ -11,7 +11,7 @@ from megatron_tempnet.models.gpt import scale_options
 from megatron_tempnet.models.tempnet_gpt import build_tempnet_model, loss_channels
 from megatron_tempnet.parallel import ParallelContext, initialize
 from megatron_tempnet.parallel.runtime import detect_launch_env
-from megatron_tempnet.training.checkpoint_layout import resolve_load_dir
+from megatron_tempnet.training.checkpoint_layout import load_format, resolve_load_dir
 from megatron_tempnet.training.optim import precision_dtype
 from megatron_tempnet.training.reports import ReportSpec
 from megatron_tempnet.training.run_record import read_run_record, saved_padded_vocab
@@ -42,8 +42,8 @@ def keep_checkpoint_padding(run: RunConfig, tp: int) -> None:
     ck, m = run.checkpoint, run.model
     if not ck.load:
         return
-    fmt = "deepspeed" if run.deepspeed.deepspeed else "torch_dist"
     try:
+        fmt = load_format(ck.load)  # a format the run cannot load: its Checkpointer says so
         path = resolve_load_dir(ck.load, ck.save, fmt)
         record = read_run_record(path, fmt) if path is not None else None
     except Exception:  # noqa: BLE001 -- the Checkpointer reports it with its own words

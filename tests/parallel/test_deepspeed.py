@@ -18,6 +18,8 @@ bitwise in losses and final weights, with ZeRO-1 and ZeRO-2; keep-last, --no-loa
 DeepSpeed's CPU accelerator would JIT-build a shared-memory all-reduce op on first use (~45 s);
 build_deepspeed_engine disables it, and the optimizer is torch AdamW (no FusedAdam build).
 """
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -129,6 +131,74 @@ def test_deepspeed_other_model_shape_is_named(checkpoints):
     for r in checkpoints:
         assert r["F_error"] and "another model shape" in r["F_error"]
         assert "num_layers: checkpoint 4, this run 2" in r["F_error"]
+
+
+@pytest.mark.parallel
+def test_deepspeed_checkpoints_evaluate_convert_and_export(checkpoints, single_process, tmp_path,
+                                                            capsys):
+    """A DeepSpeed checkpoint is evaluated as it is (its TP), converted to a megatron-core one
+    (any layout; weights only) and exported to Hugging Face (TP=2: one process per TP rank)."""
+    from test_hf_convert import LOSS_RTOL, hf_losses
+    from transformers import AutoModelForCausalLM
+    from workers.hf_export_worker import probe_batch
+
+    from megatron_tempnet import evaluate
+    from megatron_tempnet.hf.convert import checkpoint_to_hf, load_checkpoint_full
+    from megatron_tempnet.training.checkpoint_config import CheckpointConfig
+    from megatron_tempnet.training.checkpointing import Checkpointer
+    from megatron_tempnet.training.run_record import run_record
+    from megatron_tempnet.training.stage import build_stage
+
+    r = checkpoints[0]
+    work = Path(r["work"])
+    a, t = str(work / "a"), str(work / "t")
+    # evaluation loads A (ZeRO-1, TP=1, saved at DP=2) in one process: no model flags needed
+    run, *_ = evaluate.parse(["--load", a])
+    chunks = build_stage(run, single_process)
+    logs = []
+    assert evaluate.load_model_weights(chunks, run, single_process, logs.append) == 4
+    assert same_weights(dict(chunks[0].named_parameters()), r["A_weights"])
+    assert any("loaded model weights" in line for line in logs)
+    # T was saved at TP=2: DeepSpeed does not reshard, the error names the converter
+    run, *_ = evaluate.parse(["--load", t])
+    with pytest.raises(ConfigError, match=r"saved at --tensor-model-parallel-size 2.*"
+                                          r"convert_deepspeed_checkpoint.py --load"):
+        evaluate.load_model_weights(build_stage(run, single_process), run, single_process,
+                                    logs.append)
+
+    # the converter: A -> megatron-core, the same weights; it reports what it wrote
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_deepspeed_checkpoint", REPO / "tools" / "convert_deepspeed_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    convert_main = tool.main
+    assert convert_main(["--load", a, "--save", str(tmp_path / "a_mc")]) == 0
+    said = capsys.readouterr().out
+    assert "wrote" in said and "iteration 4" in said and "TempNet loss mode tempnet_dro" in said
+    full, _, tcfg = load_checkpoint_full(str(tmp_path / "a_mc"))
+    assert tcfg.loss_mode == "tempnet_dro"
+    assert same_weights({k: full[k] for k in r["A_weights"]}, r["A_weights"])
+    assert convert_main(["--load", a, "--save", str(tmp_path / "a_mc")]) == 2  # not overwritten
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    # a resume of the weights-only checkpoint must say what it lacks
+    run, *_ = evaluate.parse(["--load", str(tmp_path / "a_mc")])
+    resume = Checkpointer(CheckpointConfig(load=str(tmp_path / "a_mc")).validate(),
+                          build_stage(run, single_process), None, None, single_process,
+                          run_record(run.model, run.tempnet, run.train, single_process))
+    with pytest.raises(ConfigError, match="holds model weights only .*DeepSpeed.*--finetune"):
+        resume.plan_load(lambda p: __import__("megatron.core.dist_checkpointing",
+                                              fromlist=["x"]).load_common_state_dict(str(p)))
+
+    # T (TP=2) -> Hugging Face: the losses training measured on the probe batch
+    out = checkpoint_to_hf(t, str(tmp_path / "hf_t"))
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    plain, tempered = hf_losses(model, probe_batch())
+    for rank in checkpoints:
+        assert plain == pytest.approx(rank["T_probe"]["lm loss"], rel=LOSS_RTOL)
+        assert tempered == pytest.approx(rank["T_probe"]["tempered ce"], rel=LOSS_RTOL)
+    assert not list(tmp_path.glob("deepspeed-to-torch-dist-*"))  # the scratch copy is gone
 
 
 def _fake_checkpoint(root, iteration, complete_file):

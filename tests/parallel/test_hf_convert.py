@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import megatron_tempnet.hf.modeling  # noqa: F401  (registers the TempNet Auto classes)
-from megatron_tempnet.config import ConfigError
+from megatron_tempnet.config import ConfigError, TrainConfig
 from megatron_tempnet.data.tokenizers import load_tokenizer
 from megatron_tempnet.hf.convert import checkpoint_to_hf, hf_to_checkpoint, load_checkpoint_full
 from megatron_tempnet.hf.llama import to_hf
@@ -76,6 +76,7 @@ def test_trained_tp2_and_pp2_models_export_to_transformers(single_process, tiny_
         assert plain == pytest.approx(ours["lm loss"], rel=LOSS_RTOL), name
         assert tempered == pytest.approx(ours["tempered ce"], rel=LOSS_RTOL), name
         assert abs(tempered - plain) > 1e-3  # TempNet's tau really is applied
+        tempnet_round_trip(out, tmp_path / "ckpt" / name, tmp_path / name, tp=2)
 
     # a checkpoint directory with a shard file gone
     broken = tmp_path / "broken"
@@ -85,6 +86,51 @@ def test_trained_tp2_and_pp2_models_export_to_transformers(single_process, tiny_
     victim.unlink()
     with pytest.raises(ConfigError, match=f"missing shard file.*{victim.name}"):
         load_checkpoint_full(str(broken))
+
+
+def tempnet_round_trip(exported, original, work, tp):
+    """A TempNet export -> checkpoint (for TP=tp) -> export: the checkpoint holds the original
+    tensors (TempNet's, the padded output rows TempNet reads) and settings, a --finetune load
+    takes TempNet's weights from it, and the second export equals the first."""
+    from safetensors.torch import load_file
+
+    from megatron_tempnet.hf.convert import describe_checkpoint, describe_hf_dir
+    from megatron_tempnet.hf.modeling import EXPORTED_TEMPNET_FIELDS
+    from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
+    from megatron_tempnet.training.checkpoint_config import CheckpointConfig
+    from megatron_tempnet.training.checkpointing import Checkpointer
+    from megatron_tempnet.training.run_record import run_record
+
+    path = hf_to_checkpoint(str(exported), str(work / "ckpt"), target_tp=tp)
+    line = describe_checkpoint(path)
+    assert "TempNet loss mode tempnet_dro" in line and "parameters (TempNet" in line, line
+    want, cfg0, t0 = load_checkpoint_full(str(original))
+    got, cfg, t = load_checkpoint_full(str(work / "ckpt"))
+    assert {f: getattr(t, f) for f in EXPORTED_TEMPNET_FIELDS} == \
+        {f: getattr(t0, f) for f in EXPORTED_TEMPNET_FIELDS}
+    assert set(got) == set(want) and any(k.startswith("tempnet.") for k in got)
+    for key, value in want.items():
+        if key == "embedding.word_embeddings.weight" and not cfg.tie_embeddings:
+            value, got[key] = value[:cfg.vocab_size], got[key][:cfg.vocab_size]  # never looked up
+        assert torch.equal(got[key], value), key
+    # --finetune from it into a TempNet run: TempNet's weights come from the checkpoint
+    from megatron_tempnet.parallel import initialize
+    ctx = initialize(1, 1, seed=0, environ={"MASTER_ADDR": "127.0.0.1"})
+    model = build_tempnet_model(cfg, t, ctx)
+    logs = []
+    Checkpointer(CheckpointConfig(load=str(work / "ckpt"), finetune=True).validate(), [model],
+                 None, None, ctx, run_record(cfg, t, TrainConfig(), ctx), log=logs.append).load()
+    assert logs and "TempNet kept its init" not in logs[-1], logs
+    for key, value in model.state_dict().items():
+        if key.startswith("tempnet."):
+            assert torch.equal(value, want[key]), key
+    again = checkpoint_to_hf(str(work / "ckpt"), str(work / "hf"))
+    assert "TempNet" in describe_hf_dir(again) and "trust_remote_code=True" in describe_hf_dir(
+        again)
+    first, second = (load_file(str(d / "model.safetensors")) for d in (exported, again))
+    assert set(first) == set(second)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
 
 
 def test_hf_to_checkpoint_to_hf_is_identity(single_process, tmp_path):

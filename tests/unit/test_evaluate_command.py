@@ -69,7 +69,8 @@ def test_load_brings_the_model_and_tempnet_settings(monkeypatch, tmp_path):
               "tempnet": dataclasses.asdict(TempNetConfig(loss_mode="tempnet_dro", rho=2.0,
                                                           hidden_size=16)),
               "parallel": {"tp": 1, "pp": 1, "dp": 1}}
-    monkeypatch.setattr(checkpoint_layout, "resolve_load_dir", lambda load, save: tmp_path)
+    monkeypatch.setattr(checkpoint_layout, "resolve_load_dir",
+                        lambda load, save, fmt="torch_dist": tmp_path)
     monkeypatch.setattr(run_record, "read_run_record", lambda path, fmt: record)
     run, *_ = parse(["--load", str(tmp_path), "--tempnet-rho", "3"])
     assert (run.model.family, run.model.num_layers, run.model.hidden_size) == (

@@ -3,6 +3,7 @@ write nothing on the way out; a single process picks a free rendezvous port."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -125,6 +126,60 @@ def test_hf_to_checkpoint_refuses_existing_checkpoint(tmp_path, existing):
                    "--save", save)
     assert_one_error(out, f"--save {save}", "already holds a checkpoint", "another --save")
     assert snapshot(save) == before and (save / existing).read_text() == "5\n"
+
+
+TEMPNET_EXPORT = {"model_type": "tempnet_llama", "num_attention_heads": 8,
+                  "num_key_value_heads": 8, "vocab_size": 500, "padded_vocab_size": 620,
+                  "tempnet": {"loss_mode": "tempnet_dro", "hidden_size": 16}}
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--target-tensor-parallel-size", "8"], ["--target-tensor-parallel-size 8",
+                                              "620 padded vocabulary rows", "divides 620"]),
+    (["--make-vocab-size-divisible-by", "128"], ["--make-vocab-size-divisible-by 128",
+                                                 "620 rows TempNet was trained on",
+                                                 "drop the flag"]),
+])
+def test_hf_to_checkpoint_keeps_a_tempnet_exports_padding(tmp_path, args, words):
+    out = run_tool("convert_hf_to_checkpoint.py", "--input",
+                   hf_dir(tmp_path / "hf", TEMPNET_EXPORT), "--save", tmp_path / "ckpt", *args)
+    assert_one_error(out, *words)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_hf_to_checkpoint_runs_inside_another_jobs_environment(tmp_path):
+    """A surrounding torchrun / SLURM step's RANK, WORLD_SIZE and (busy) MASTER_PORT are not
+    the converter's: it runs as one process on a free port, and says what it wrote."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48,
+                                 num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=32)
+                     ).save_pretrained(tmp_path / "hf")
+    with listening_socket() as busy:
+        env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(busy.getsockname()[1])}
+        out = subprocess.run([sys.executable, "tools/convert_hf_to_checkpoint.py", "--input",
+                              tmp_path / "hf", "--save", tmp_path / "ckpt"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert (f"wrote {tmp_path / 'ckpt' / 'iter_0000000'}: llama 1 layers, hidden 32, "
+            "vocabulary 100 padded to 128 (for TP=1), float32") in out.stdout, out.stdout
+    assert "no TempNet (plain model)" in out.stdout and "--finetune" in out.stdout
+
+
+# tools/convert_deepspeed_checkpoint.py
+
+def test_deepspeed_converter_refuses_a_megatron_core_checkpoint(tmp_path):
+    (tmp_path / "mc" / "iter_0000002").mkdir(parents=True)
+    (tmp_path / "mc" / "iter_0000002" / "metadata.json").write_text("{}")
+    (tmp_path / "mc" / "latest_checkpointed_iteration.txt").write_text("2\n")
+    out = run_tool("convert_deepspeed_checkpoint.py", "--load", tmp_path / "mc",
+                   "--save", tmp_path / "out")
+    assert_one_error(out, "megatron-core dist_checkpointing checkpoint, not a DeepSpeed")
+    assert not (tmp_path / "out").exists()
 
 
 # tools/convert_checkpoint_to_hf.py

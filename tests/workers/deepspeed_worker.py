@@ -21,6 +21,8 @@ micro-batches per step:
   H   --load A --finetune into a plain-CE model: LM weights only, iteration 0
   F   --load B with --num-layers 2: a clear shape error before any tensor is read
   Z   ZeRO-2: 4 iterations with --save-interval 2, then --load Z/iter_0000002 + 2, bitwise
+  T   TP=2 (DP=1), ZeRO-1, 2 iterations with --save; the plain and tempered CE of a fixed
+      probe batch (hf_export_worker.probe_batch): what its Hugging Face export must give
 """
 import os
 import signal
@@ -156,6 +158,22 @@ def sigterm_rank0_after(iteration):
     return callback
 
 
+def probe(model, spec) -> dict:
+    """Forward-only plain CE (tau = 1) and tempered CE of the fixed probe batch."""
+    from hf_export_worker import probe_batch
+
+    from megatron_tempnet.training.step import reduce_reports
+
+    batch = probe_batch()
+    model.eval()
+    reports = forward_backward([model], iter([batch]), num_microbatches=1,
+                               seq_length=batch["tokens"].shape[1],
+                               micro_batch_size=batch["tokens"].shape[0], forward_only=True,
+                               spec=spec)
+    return {k: (lambda v: (v[0] / v[1]).item())(reduce_reports(reports, k))
+            for k in ("lm loss", "tempered ce")}
+
+
 def checkpoint_main(data, tokenizer, work: Path):
     from megatron_tempnet import train as entry
     from megatron_tempnet.arguments import parse_args
@@ -212,6 +230,12 @@ def checkpoint_main(data, tokenizer, work: Path):
     t = build("--load", str(Path(z) / "iter_0000002"), zero=2)
     r["Z_start"], r["Z_resumed"] = t.state.iteration, t.train().history
     r["Z_resumed_weights"] = weights(t)
+
+    # T: a TP=2 DeepSpeed checkpoint (one module file per TP rank) and its probe losses
+    t = build("--save", str(work / "t"), "--tensor-model-parallel-size", "2", iters=2)
+    t.train()
+    r["T_probe"] = probe(t.model_chunks[0], t.spec)
+    r["work"] = str(work)
     save_rank_result(r)
     shutdown()
 
