@@ -9,7 +9,12 @@ What is computed (all loss-mask weighted, reduced over TP, micro-batches and DP)
     (lo, hi], Guo et al. 2017) of next-token prediction at the same temperatures: confidence =
     max softmax prob, correct = (argmax == target). A temperature tau > 0 changes the confidence,
     never the argmax, so one correctness flag serves every temperature;
-  * top-1 accuracy, the own tau's mean and a fixed-bin histogram over [tau_min, tau_max].
+  * top-1 accuracy, the own tau's mean and a fixed-bin histogram over [tau_min, tau_max];
+  * the temperature tools beside TempNet (tempnet/temperature_tools.py, docs/tempnet_math.md
+    5.1) at EvalConfig's settings, not tuned on this data: the entropy-adaptive T and
+    confidence thresholding (per-token temperatures, columns like the own tau) and the
+    multi-temperature ensemble (its K members' per-token NLL and confidence combined into one
+    column: NLL_ens = -logsumexp_k(-NLL_k) + log K, confidence = mean_k confidence_k).
 
 The best global T (reported beside tau = 1 and TempNet's tau; docs/tempnet_math.md 5):
   1. pass 1: every temperature of a coarse grid in the same pass: ``EvalConfig.temperature_points``
@@ -30,7 +35,8 @@ logits are never gathered), from this rank's shard z [t, v/tp], target y and tem
   3. NLL_j = lse(z / tau_j) - z_y / tau_j = (m - z_y) / tau_j + log S_j;  confidence_j = 1 / S_j;
      correct = [z_y = m] and no tie before y (argmax takes the lowest index among ties).
 Two collectives per micro-batch, for any number of temperatures (plus those of the own tau:
-TempNet's one, or the exact solver's few).
+TempNet's one, or the exact solver's few, and the temperature tools' two: the entropy and the
+confidence at T = 1 that set their per-token temperatures).
 
 PP > 1: the model runs through megatron-core's schedule with ``forward_only=True``; the last
 stage's loss_func turns the logits shard into one vector of per-micro-batch sums (see
@@ -49,8 +55,10 @@ import torch.distributed as dist
 from megatron_tempnet.tempnet.comm import MAX, SUM, all_reduce, group_rank_size
 from megatron_tempnet.tempnet.exact_tau import solve_tau
 from megatron_tempnet.tempnet.reference import compute_dtype
+from megatron_tempnet.tempnet.temperature_tools import (ensemble_nll_and_confidence,
+                                                        token_temperatures)
 from megatron_tempnet.training.ddp import params_synced
-from megatron_tempnet.training.config import EvalConfig
+from megatron_tempnet.training.config import TEMPERATURE_TOOLS, EvalConfig
 from megatron_tempnet.training.metrics_log import tau_histogram, tau_histogram_edges
 from megatron_tempnet.training.step import chunk_iterators
 from megatron_tempnet.training.reports import ReportSpec
@@ -117,6 +125,8 @@ def expected_calibration_error(bins: torch.Tensor) -> float:
 # The moment sums of the own tau (and, for "tempnet_dro", of the exact tau* of the same logits):
 # sum w tau^2, sum w tau*, sum w tau*^2, sum w tau tau* -> tau std, R^2 and Pearson vs tau*.
 TAU_MOMENTS = 4
+# The temperature tools' scalar sums: sum w T_entropy, sum w [confidence >= threshold].
+TOOL_SUMS = 2
 
 
 def tracks_exact_tau(tempnet_cfg) -> bool:
@@ -129,10 +139,12 @@ def tracks_exact_tau(tempnet_cfg) -> bool:
 
 @dataclass(frozen=True)
 class _StatLayout:
-    """Offsets of the flat per-micro-batch sum vector. Columns j < num_scalar are the global
-    temperatures ``temperatures``; column num_scalar (if ``token_tau``) is the model's own
-    per-token tau (TempNet's or the exact tau*); ``tau_star``: the moments carry tau* too;
-    the tau histogram has ``hist_bins`` bins over ``hist_bounds``."""
+    """Offsets of the flat per-micro-batch sum vector. Columns j < len(temperatures) are the
+    global temperatures ``temperatures``; the next (if ``token_tau``) is the model's own
+    per-token tau (TempNet's or the exact tau*); then (if ``tools``: the EvalConfig with their
+    settings) one column per temperature tool, in ``TEMPERATURE_TOOLS``' order, from
+    ``tool_col`` on. ``tau_star``: the moments carry tau* too; the tau histogram has
+    ``hist_bins`` bins over ``hist_bounds``."""
 
     temperatures: tuple
     token_tau: bool
@@ -140,24 +152,32 @@ class _StatLayout:
     hist_bins: int
     tau_star: bool = False
     hist_bounds: tuple = (0.0, 1.0)
+    tools: EvalConfig | None = None
 
     @property
-    def num_cols(self) -> int:
+    def tool_col(self) -> int:
         return len(self.temperatures) + int(self.token_tau)
 
     @property
+    def num_cols(self) -> int:
+        return self.tool_col + len(TEMPERATURE_TOOLS) * (self.tools is not None)
+
+    @property
     def size(self) -> int:  # count, correct, tau sum | nll [J] | bins [J, B, 3] | tau hist [H]
-        return (3 + self.num_cols * (1 + 3 * self.ece_bins)
-                + (self.hist_bins + TAU_MOMENTS) * self.token_tau)  # | tau moments [4]
+        return (3 + self.num_cols * (1 + 3 * self.ece_bins)  # | tau moments [4] | tool sums [2]
+                + (self.hist_bins + TAU_MOMENTS) * self.token_tau
+                + TOOL_SUMS * (self.tools is not None))
 
     def split(self, vec: torch.Tensor) -> dict:
         j, b = self.num_cols, self.ece_bins
         nll_end = 3 + j
         bins_end = nll_end + j * b * 3
         hist_end = bins_end + self.hist_bins * self.token_tau
+        moments_end = hist_end + TAU_MOMENTS * self.token_tau
         return {"count": vec[0], "correct": vec[1], "tau_sum": vec[2],
                 "nll": vec[3:nll_end], "bins": vec[nll_end:bins_end].view(j, b, 3),
-                "tau_hist": vec[bins_end:hist_end], "tau_moments": vec[hist_end:]}
+                "tau_hist": vec[bins_end:hist_end], "tau_moments": vec[hist_end:moments_end],
+                "tool_sums": vec[moments_end:]}
 
 
 def _micro_batch_sums(layout: _StatLayout, model, tp_group, batch, logits):
@@ -171,7 +191,19 @@ def _micro_batch_sums(layout: _StatLayout, model, tp_group, batch, logits):
     if layout.token_tau:  # TempNet in eval mode, outside megatron's RNG fork (head.py), or tau*
         tau = model.token_tau(logits).reshape(-1).to(torch.float64)  # [t]
         temps = torch.cat([temps, tau.unsqueeze(-1)], dim=-1)  # [t, J]
+    tools = layout.tools
+    if tools is not None:  # entropy T, threshold T, then the ensemble's K members
+        tool_t = token_temperatures(flat, tools, tp_group)
+        members = torch.tensor(tools.ensemble_temperatures, dtype=torch.float64,
+                               device=logits.device).expand(flat.shape[0], -1)  # [t, K]
+        temps = torch.cat([temps, tool_t.entropy.unsqueeze(-1).to(torch.float64),
+                           tool_t.threshold.unsqueeze(-1).to(torch.float64), members], dim=-1)
     nll, conf, correct = vocab_parallel_token_stats(flat, target, temps, tp_group)
+    if tools is not None:  # the K members' columns -> one ensemble column
+        k0 = layout.num_cols - 1
+        ens_nll, ens_conf = ensemble_nll_and_confidence(nll[:, k0:], conf[:, k0:])
+        nll = torch.cat([nll[:, :k0], ens_nll.unsqueeze(-1)], dim=-1)  # [t, num_cols]
+        conf = torch.cat([conf[:, :k0], ens_conf.unsqueeze(-1)], dim=-1)
     keep = (mask != 0).unsqueeze(-1)
     w = mask.to(nll.dtype).unsqueeze(-1)  # [t, 1]
     nll_sum = torch.where(keep, nll * w, 0.0).sum(0)  # [J] (masked tokens may hold garbage)
@@ -195,6 +227,10 @@ def _micro_batch_sums(layout: _StatLayout, model, tp_group, batch, logits):
         wk = torch.where(keep[:, 0], mask, 0.0).to(tau.dtype)
         parts.append(torch.stack([(wk * tau * tau).sum(), (wk * star).sum(),
                                   (wk * star * star).sum(), (wk * tau * star).sum()]))
+    if tools is not None:
+        wk = torch.where(keep[:, 0], mask, 0.0).to(nll.dtype)
+        parts.append(torch.stack([(wk * tool_t.entropy.to(nll.dtype)).sum(),
+                                  (wk * tool_t.confident.to(nll.dtype)).sum()]))
     vec = torch.cat(parts)
     assert vec.numel() == layout.size
     return logits.new_zeros(()), mask.sum().to(torch.int), {"eval": vec}
@@ -258,8 +294,12 @@ def evaluate(model_chunks: list, batches, num_batches: int, ctx, *, seq_length: 
     "tau* std", "r2 tau*", "pearson tau*": :func:`tau_agreement` with the exact tau*; the
     per-token tau* costs a few extra passes over the logits); with loss_mode "dro_exact" the same
     for the exact tau* with "ppl exact tau", "ece exact tau"; with a fixed tau "fixed tau",
-    "ppl fixed tau", "ece fixed tau"; and "temperature grid" ([[T, ppl, ece], ...], both
-    passes, sorted by T). The model is run in eval mode and put back in its previous mode.
+    "ppl fixed tau", "ece fixed tau"; the temperature tools at ``config``'s settings (every
+    model): "ppl entropy T", "ece entropy T", "entropy T mean", "ppl threshold T",
+    "ece threshold T", "threshold confident fraction", "ppl ensemble", "ece ensemble", and
+    "temperature tools" (their settings: {EvalConfig field: value}); and "temperature grid"
+    ([[T, ppl, ece], ...], both passes, sorted by T). The model is run in eval mode and put
+    back in its previous mode.
     ``spec`` (training/reports.py; the run's, ``training.stage.report_spec``): the tau
     histogram's bounds and bins (None: the model's TempNetConfig and ``config``'s bins).
     """
@@ -278,7 +318,7 @@ def evaluate(model_chunks: list, batches, num_batches: int, ctx, *, seq_length: 
         run = partial(_run_pass, model_chunks, ctx=ctx, num_microbatches=num_microbatches,
                       seq_length=seq_length, micro_batch_size=micro_batch_size)
         layout = _StatLayout(tuple(coarse), token_tau, config.ece_bins, spec.histogram_bins,
-                             tracks_exact_tau(tcfg), spec.tau_bounds or (0.0, 1.0))
+                             tracks_exact_tau(tcfg), spec.tau_bounds or (0.0, 1.0), config)
         recorded = []
         first = None
         for _ in range(num_batches):
@@ -359,8 +399,26 @@ def _metrics(layout, first, fine_layout, second, fixed, tcfg, config) -> dict:
     if fixed is not None:
         out.update({"fixed tau": float(fixed), "ppl fixed tau": grid[float(fixed)][0],
                     "ece fixed tau": grid[float(fixed)][1]})
+    if layout.tools is not None:
+        for j, name in enumerate(TEMPERATURE_TOOLS, layout.tool_col):
+            out.update({f"ppl {name}": ppl(a["nll"][j]),
+                        f"ece {name}": expected_calibration_error(a["bins"][j])})
+        entropy_t, confident = a["tool_sums"].tolist()
+        out.update({"entropy T mean": entropy_t / denom,
+                    "threshold confident fraction": confident / denom,
+                    "temperature tools": _tool_settings(layout.tools)})
     out.update({"best T": best, "ppl best T": grid[best][0], "ece best T": grid[best][1],
                 "temperature grid": [[t, *grid[t]] for t in sorted(grid)]})
+    return out
+
+
+def _tool_settings(config: EvalConfig) -> dict:
+    """The temperature tools' settings as evaluated: {EvalConfig field: value}."""
+    out = {}
+    for fields in TEMPERATURE_TOOLS.values():
+        for name in fields:
+            value = getattr(config, name)
+            out[name] = [float(v) for v in value] if isinstance(value, (list, tuple)) else value
     return out
 
 
@@ -387,7 +445,8 @@ def tau_agreement(tau_sum: float, tau_sq: float, star_sum: float, star_sq: float
 
 
 def format_eval_table(metrics: dict, title: str = "validation") -> str:
-    """Printable table: rows tau = 1, TempNet tau / fixed tau, best global T; columns ppl, ECE."""
+    """Printable table: rows tau = 1, TempNet tau / fixed tau, the temperature tools (when the
+    dict has them), best global T; columns ppl, ECE."""
     rows = [("tau = 1", metrics["ppl tau=1"], metrics["ece tau=1"])]
     if "ppl tempnet" in metrics:
         rows.append((f"TempNet tau (mean {metrics['tau mean']:.3f})", metrics["ppl tempnet"],
@@ -398,6 +457,7 @@ def format_eval_table(metrics: dict, title: str = "validation") -> str:
     if "ppl fixed tau" in metrics:
         rows.append((f"fixed tau = {metrics['fixed tau']:g}", metrics["ppl fixed tau"],
                      metrics["ece fixed tau"]))
+    rows += _tool_rows(metrics)
     rows.append((f"best global T = {metrics['best T']:.4g}", metrics["ppl best T"],
                  metrics["ece best T"]))
     width = max(len(r[0]) for r in rows)
@@ -415,6 +475,24 @@ def format_eval_table(metrics: dict, title: str = "validation") -> str:
                      f"Pearson {num('pearson tau*')}")
         lines.append(line)
     return "\n".join(lines)
+
+
+def _tool_rows(metrics: dict) -> list:
+    """The temperature tools' rows (none for a dict without their settings)."""
+    cfg = metrics.get("temperature tools")
+    if not cfg:
+        return []
+    temps = ", ".join(f"{t:g}" for t in cfg["ensemble_temperatures"])
+    labels = {
+        "entropy T": f"entropy-adaptive T (base {cfg['entropy_temperature_base']:g}, "
+                     f"a {cfg['entropy_temperature_alpha']:g}; mean "
+                     f"{metrics['entropy T mean']:.3f})",
+        "threshold T": f"confidence threshold {cfg['confidence_threshold']:g} (T "
+                       f"{cfg['confident_temperature']:g} / {cfg['uncertain_temperature']:g}; "
+                       f"{metrics['threshold confident fraction']:.1%} confident)",
+        "ensemble": f"ensemble T in {{{temps}}}"}
+    return [(labels[name], metrics[f"ppl {name}"], metrics[f"ece {name}"])
+            for name in TEMPERATURE_TOOLS]
 
 
 class EvalCallback:

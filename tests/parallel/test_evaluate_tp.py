@@ -1,4 +1,5 @@
-"""Validation metrics at TP=2, PP=2 and DP=2 equal the single-process (TP=1) evaluation.
+"""Validation metrics at TP=2, PP=2 and DP=2 equal the single-process (TP=1) evaluation, every
+key compared (the temperature tools' included).
 
 One torchrun launch (tests/workers/evaluate_worker.py) runs every layout; the reference is
 ``evaluate`` in this process at TP=1 on the same weights and micro-batches (itself checked
@@ -29,6 +30,10 @@ LAYOUTS = {
     "fixed tau DP=2": ("dro_fixed_tau", (1, 1)),
 }
 NUM_BATCHES, MICRO, SEQ = 2, 4, 16  # 2 global batches of 4 micro-batches [2, 16]
+# the temperature tools (vocab-parallel entropy and confidence: the same at TP=2 as at TP=1)
+TOOL_KEYS = ("ppl entropy T", "ece entropy T", "entropy T mean", "ppl ensemble", "ece ensemble",
+             "ppl threshold T", "ece threshold T", "threshold confident fraction",
+             "temperature tools")
 
 
 def tiny_model(single_process, loss_mode):
@@ -59,6 +64,8 @@ def assert_same(result, ref, where):
             got = torch.tensor(result[key], dtype=torch.float64)
             torch.testing.assert_close(got, torch.tensor(value, dtype=torch.float64),
                                        rtol=RTOL, atol=1e-6, msg=f"{where}: {key}")
+        elif key == "temperature tools":  # the tools' settings
+            assert result[key] == value, (where, result[key], value)
         elif value is None:  # "r2 tau*" / "pearson tau*" when tau* has no spread
             assert result[key] is None, (where, key, result[key])
         else:
@@ -83,6 +90,7 @@ def test_evaluate_tp_pp_dp_match_single_process(single_process, tmp_path):
 
     for name, (mode, _) in LAYOUTS.items():
         assert ("ppl tempnet" in refs[name]) == (mode == "tempnet_dro")
+        assert set(TOOL_KEYS) <= set(refs[name]), name  # compared below like every key
         for rank, per_rank in enumerate(ranks):
             got = per_rank[name]
             assert got["training"], f"{name}: model left in eval mode"

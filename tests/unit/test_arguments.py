@@ -40,7 +40,8 @@ MEGATRON_FLAGS = {"--tensor-model-parallel-size", "--pipeline-model-parallel-siz
                   "--recompute-granularity", "--recompute-method", "--recompute-num-layers"}
 # Ours: TempNet's section, the model family / attention / precision choices, checkpoint
 # safety (keep-last, loss spike, collapse, checksums), metrics, the evaluation's temperature
-# grid, and spellings of Megatron-LM settings whose Megatron-LM spelling is an alias
+# grid and temperature tools, and spellings of Megatron-LM settings whose Megatron-LM spelling
+# is an alias
 # (--mmap-bin-files: --no-mmap-bin-files; the schedule pair: --override-opt_param-scheduler /
 # --use-checkpoint-opt_param-scheduler).
 OWN_FLAGS = {"--tempnet-rho", "--tempnet-tau-min", "--tempnet-tau-max", "--tempnet-arch",
@@ -53,7 +54,10 @@ OWN_FLAGS = {"--tempnet-rho", "--tempnet-tau-min", "--tempnet-tau-max", "--tempn
              "--no-save-lock", "--override-opt-param-scheduler",
              "--use-checkpoint-opt-param-scheduler", "--mmap-bin-files",
              "--metrics-jsonl", "--peak-tflops", "--temperature-min", "--temperature-max",
-             "--temperature-points", "--refine-points", "--ece-bins", "--tau-histogram-bins"}
+             "--temperature-points", "--refine-points", "--ece-bins", "--tau-histogram-bins",
+             "--entropy-temperature-base", "--entropy-temperature-alpha",
+             "--ensemble-temperatures", "--confidence-threshold", "--confident-temperature",
+             "--uncertain-temperature"}
 
 
 # Megatron-LM spellings with no field of their own: aliases of a field's flag ...

@@ -3,7 +3,8 @@
 The reference takes the model's full logits [b, s, V] (TP=1 forward without labels) and computes
 with plain torch / numpy: perplexity exp(mean CE) at tau = 1, at TempNet's per-token tau, at a
 fixed tau and at every grid temperature; ECE with 15 equal-width bins (lo, hi] from
-softmax max-prob and argmax correctness; top-1 accuracy. Loss mask applied throughout.
+softmax max-prob and argmax correctness; top-1 accuracy; the temperature tools (entropy-adaptive
+T, confidence threshold, ensemble: tests/temperature_reference.py). Loss mask applied throughout.
 """
 import math
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import temperature_reference as tools_ref
 from batches import random_batches
 from megatron_tempnet.config import ConfigError, load_model_preset
 from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
@@ -205,3 +207,59 @@ def test_tau_spread_and_agreement_with_the_exact_tau(single_process, arch):
         pearson = float(torch.corrcoef(torch.stack([t, s]))[0, 1])
         assert math.isclose(result["pearson tau*"], pearson, rel_tol=1e-4, abs_tol=1e-6)
     assert "R^2" in format_eval_table(result)
+
+
+def dense_tool_metrics(logits, labels, mask, cfg):
+    """The temperature tools' metrics at ``cfg``'s settings from the full logits [b, s, V]."""
+    keep = mask > 0
+    entropy_t = tools_ref.entropy_temperature(logits, cfg.entropy_temperature_base,
+                                              cfg.entropy_temperature_alpha)
+    threshold_t, confident = tools_ref.threshold_temperature(
+        logits, cfg.confidence_threshold, cfg.confident_temperature, cfg.uncertain_temperature)
+    p_ens = tools_ref.ensemble_probs(logits, cfg.ensemble_temperatures)  # [b, s, V]
+    nll_ens = -torch.log(p_ens.gather(-1, labels.unsqueeze(-1)).squeeze(-1))
+    correct = (logits.argmax(-1) == labels).double()
+    out = {"entropy T mean": float(entropy_t[keep].mean()),
+           "threshold confident fraction": float(confident[keep].double().mean()),
+           "ppl ensemble": math.exp(float(nll_ens[keep].mean())),
+           "ece ensemble": numpy_ece(p_ens.amax(-1)[keep].numpy(), correct[keep].numpy(),
+                                     mask[keep].numpy())}
+    for name, temperature in (("entropy T", entropy_t), ("threshold T", threshold_t)):
+        out[f"ppl {name}"], out[f"ece {name}"] = dense_metrics(logits, labels, mask, temperature)
+    return out
+
+
+@pytest.mark.parametrize("loss_mode,tempnet", [("tempnet_dro", {}), ("ce", {}),
+                                               ("dro_fixed_tau", {"fixed_tau": 0.7}),
+                                               ("dro_exact", {"rho": 1.0})])
+def test_temperature_tools_match_dense_reference(single_process, loss_mode, tempnet, seed):
+    """Every model's evaluation reports the entropy-adaptive T, the confidence threshold and
+    the ensemble at EvalConfig's settings, equal to the dense reference on fresh random
+    batches; the threshold lies between two tokens' confidences (both levels occur)."""
+    cfg, model = tiny_model(single_process, loss_mode, **tempnet)
+    batches = make_batches(cfg.vocab_size, 2, seed=seed)
+    logits, _, labels, mask = full_logits(model, batches)
+    conf = torch.softmax(logits.double(), -1).amax(-1)[mask > 0].sort().values
+    k = int(torch.argmax(conf.diff()[len(conf) // 4: 3 * len(conf) // 4])) + len(conf) // 4
+    assert conf[k + 1] - conf[k] > 1e-5, f"seed {seed}"  # fp32 confidences fall on one side
+    tools = EvalConfig(refine_points=0, entropy_temperature_base=0.7,
+                       entropy_temperature_alpha=1.5, ensemble_temperatures=[0.4, 1.0, 2.5],
+                       confidence_threshold=float(conf[k] + conf[k + 1]) / 2,
+                       confident_temperature=0.6, uncertain_temperature=1.8)
+    result = run_eval(model, batches, single_process, num_batches=1, num_micro=2, config=tools)
+    expected = dense_tool_metrics(logits, labels, mask, tools)
+    for key, value in expected.items():
+        assert math.isclose(result[key], value, rel_tol=RTOL, abs_tol=1e-6), \
+            (key, result[key], value, f"seed {seed}")
+    assert 0 < result["threshold confident fraction"] < 1
+    assert result["temperature tools"]["ensemble_temperatures"] == [0.4, 1.0, 2.5]
+    assert result["temperature tools"]["confident_temperature"] == 0.6
+    # the rest is unchanged by the extra columns: tau = 1 and the grid
+    assert math.isclose(result["ppl tau=1"], dense_metrics(logits, labels, mask, 1.0)[0],
+                        rel_tol=RTOL)
+    assert [t for t, _, _ in result["temperature grid"]] == EvalConfig().coarse_grid(
+        [tempnet["fixed_tau"]] if "fixed_tau" in tempnet else ())
+    table = format_eval_table(result)
+    for row in ("entropy-adaptive T (base 0.7, a 1.5; mean", "ensemble T in {0.4, 1, 2.5}",
+                f"confidence threshold {tools.confidence_threshold:g} (T 0.6 / 1.8;"):
+        assert row in table, table

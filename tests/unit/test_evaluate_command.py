@@ -14,10 +14,13 @@ def test_flags_split_between_training_and_evaluation():
     run, eval_cfg, split, jsonl = parse(
         ["--model", "tiny-llama", "--split", "90,10,0", "--eval-split", "test", "--eval-iters",
          "3", "--temperature-points", "9", "--temperature-max", "8", "--tempnet-loss-mode",
-         "tempnet_dro", "--metrics-jsonl", "m.jsonl"])
+         "tempnet_dro", "--metrics-jsonl", "m.jsonl", "--ensemble-temperatures", "0.5", "3",
+         "--confidence-threshold", "0.4", "--entropy-temperature-alpha", "0.5"])
     assert run.data.split == "90,10,0" and run.tempnet.loss_mode == "tempnet_dro"
     assert (eval_cfg.eval_iters, eval_cfg.temperature_points, eval_cfg.temperature_max) == \
         (3, 9, 8.0)
+    assert (eval_cfg.ensemble_temperatures, eval_cfg.confidence_threshold,
+            eval_cfg.entropy_temperature_alpha) == ([0.5, 3.0], 0.4, 0.5)
     assert split == "test" and jsonl == "m.jsonl"
     _, eval_cfg, split, jsonl = parse(["--model", "tiny-llama"])
     assert split == "valid" and jsonl is None and eval_cfg.eval_iters == 10
@@ -42,17 +45,22 @@ def test_command_prints_the_table(tmp_path):
            "--data-path", f"{prefix}_text_document", "--tokenizer-model", str(spm),
            "--split", "80,20,0", "--seq-length", "32", "--micro-batch-size", "2",
            "--global-batch-size", "4", "--eval-iters", "2", "--tempnet-loss-mode",
-           "dro_fixed_tau", "--tempnet-fixed-tau", "0.8", "--metrics-jsonl", str(jsonl)]
+           "dro_fixed_tau", "--tempnet-fixed-tau", "0.8", "--metrics-jsonl", str(jsonl),
+           "--ensemble-temperatures", "0.5", "2"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))  # a single-process launch
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
     assert out.returncode == 0, out.stderr[-6000:]
     assert "no --load given" in out.stdout
-    for row in ("tau = 1", "fixed tau = 0.8", "best global T =", "ppl", "ECE"):
+    for row in ("tau = 1", "fixed tau = 0.8", "best global T =", "ppl", "ECE",
+                "entropy-adaptive T (base 1, a 1; mean", "ensemble T in {0.5, 2}",
+                "confidence threshold 0.5 (T 0.8 / 1.5;"):
         assert row in out.stdout, out.stdout
     record = json.loads(jsonl.read_text().splitlines()[-1])
     assert record["split"] == "valid" and record["eval tokens"] == 2 * 4 * 32
     assert record["ppl best T"] <= record["ppl tau=1"] and record["fixed tau"] == 0.8
+    assert record["temperature tools"]["ensemble_temperatures"] == [0.5, 2.0]
+    assert record["ppl ensemble"] > 1 and 0 <= record["threshold confident fraction"] <= 1
 
 
 def test_load_brings_the_model_and_tempnet_settings(monkeypatch, tmp_path):

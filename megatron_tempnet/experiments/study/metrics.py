@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_tempnet.training.config import TEMPERATURE_TOOLS
+
 
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
@@ -24,9 +26,11 @@ def _finite(value):
 
 def _own_suffix(metrics: dict) -> str | None:
     """The model's own temperature in an evaluation dict: "tempnet", "fixed tau", or any other
-    ``ppl <x>`` key beside tau=1 and best T (a loss mode added later); None: tau = 1."""
+    ``ppl <x>`` key beside tau=1, best T and the temperature tools (a loss mode added later);
+    None: tau = 1."""
+    others = {"tau=1", "best T", *TEMPERATURE_TOOLS}
     for key in metrics:
-        if key.startswith("ppl ") and key not in ("ppl tau=1", "ppl best T"):
+        if key.startswith("ppl ") and key[len("ppl "):] not in others:
             return key[len("ppl "):]
     return None
 
