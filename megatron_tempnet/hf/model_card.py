@@ -14,10 +14,6 @@ LOSS_MODE_TAU = {
     "dro_exact": ("the exact per-token tau* of the DRO loss: KL(p_tau || uniform) = rho, "
                   "solved from the logits at every step"),
 }
-# evaluate's metrics (training/evaluate.py) -> the evaluation table's rows
-EVAL_ROWS = (("tau = 1", "tau=1"), ("own tau (TempNet)", "tempnet"),
-             ("own tau (exact tau*)", "exact tau"), ("fixed tau", "fixed tau"),
-             ("best global T", "best T"))
 
 
 def read_eval_jsonl(path: str, iteration: int | None = None) -> dict:
@@ -140,16 +136,9 @@ def _evaluation(info: dict) -> list[str]:
              f"tokens, top-1 accuracy {ev.get('accuracy', float('nan')):.4f}. Perplexity and "
              "expected calibration error (ECE, 15 bins):", "",
              "| temperature | ppl | ECE |", "|---|---|---|"]
-    for label, key in EVAL_ROWS:
-        if f"ppl {key}" not in ev:
-            continue
-        if key == "best T":
-            label = f"best global T = {ev['best T']:.4g}"
-        elif key == "fixed tau":
-            label = f"fixed tau = {ev['fixed tau']:g}"
-        elif key in ("tempnet", "exact tau") and "tau mean" in ev:
-            label += f", mean {ev['tau mean']:.3f}"
-        lines.append(f"| {label} | {ev[f'ppl {key}']:.4f} | {ev[f'ece {key}']:.4f} |")
+    from megatron_tempnet.training.evaluate import eval_rows
+
+    lines += [f"| {label} | {ppl:.4f} | {ece:.4f} |" for label, ppl, ece in eval_rows(ev)]
     iteration = info.get("iteration")
     if iteration is not None and ev.get("iteration") not in (None, iteration):
         lines += ["", f"Note: evaluated at iteration {ev.get('iteration')}, exported from "

@@ -445,21 +445,8 @@ def tau_agreement(tau_sum: float, tau_sq: float, star_sum: float, star_sq: float
 
 
 def format_eval_table(metrics: dict, title: str = "validation") -> str:
-    """Printable table: rows tau = 1, TempNet tau / fixed tau, the temperature tools (when the
-    dict has them), best global T; columns ppl, ECE."""
-    rows = [("tau = 1", metrics["ppl tau=1"], metrics["ece tau=1"])]
-    if "ppl tempnet" in metrics:
-        rows.append((f"TempNet tau (mean {metrics['tau mean']:.3f})", metrics["ppl tempnet"],
-                     metrics["ece tempnet"]))
-    if "ppl exact tau" in metrics:
-        rows.append((f"exact tau* (mean {metrics['tau mean']:.3f})", metrics["ppl exact tau"],
-                     metrics["ece exact tau"]))
-    if "ppl fixed tau" in metrics:
-        rows.append((f"fixed tau = {metrics['fixed tau']:g}", metrics["ppl fixed tau"],
-                     metrics["ece fixed tau"]))
-    rows += _tool_rows(metrics)
-    rows.append((f"best global T = {metrics['best T']:.4g}", metrics["ppl best T"],
-                 metrics["ece best T"]))
+    """Printable table of :func:`eval_rows`; columns ppl, ECE."""
+    rows = eval_rows(metrics)
     width = max(len(r[0]) for r in rows)
     lines = [f"{title}: {metrics['eval tokens']:.0f} tokens, top-1 accuracy "
              f"{metrics['accuracy']:.4f}",
@@ -475,6 +462,27 @@ def format_eval_table(metrics: dict, title: str = "validation") -> str:
                      f"Pearson {num('pearson tau*')}")
         lines.append(line)
     return "\n".join(lines)
+
+
+def eval_rows(metrics: dict) -> list[tuple[str, float, float]]:
+    """(label, ppl, ECE) of an evaluation dict: tau = 1, TempNet tau / exact tau* / fixed tau,
+    the temperature tools (when the dict has them), best global T (the console table and the
+    Hugging Face model card)."""
+    rows = [("tau = 1", metrics["ppl tau=1"], metrics["ece tau=1"])]
+    if "ppl tempnet" in metrics:
+        rows.append((f"TempNet tau (mean {metrics['tau mean']:.3f})", metrics["ppl tempnet"],
+                     metrics["ece tempnet"]))
+    if "ppl exact tau" in metrics:
+        rows.append((f"exact tau* (mean {metrics['tau mean']:.3f})", metrics["ppl exact tau"],
+                     metrics["ece exact tau"]))
+    if "ppl fixed tau" in metrics:
+        rows.append((f"fixed tau = {metrics['fixed tau']:g}", metrics["ppl fixed tau"],
+                     metrics["ece fixed tau"]))
+    rows += _tool_rows(metrics)
+    if "ppl best T" in metrics:
+        rows.append((f"best global T = {metrics['best T']:.4g}", metrics["ppl best T"],
+                     metrics["ece best T"]))
+    return rows
 
 
 def _tool_rows(metrics: dict) -> list:

@@ -148,7 +148,15 @@ def test_export_generation_config_and_model_card(single_process, tmp_path, token
     model = build_tempnet_model(cfg, tcfg, single_process, seed=1).eval()
     metrics = {"eval tokens": 4096.0, "accuracy": 0.25, "ppl tau=1": 30.5, "ece tau=1": 0.12,
                "ppl tempnet": 28.25, "ece tempnet": 0.03, "tau mean": 0.91, "tau std": 0.2,
-               "best T": 0.95, "ppl best T": 29.0, "ece best T": 0.05}
+               "best T": 0.95, "ppl best T": 29.0, "ece best T": 0.05,
+               "ppl ensemble": 29.5, "ece ensemble": 0.04, "ppl entropy T": 29.75,
+               "ece entropy T": 0.06, "entropy T mean": 1.25, "ppl threshold T": 29.9,
+               "ece threshold T": 0.07, "threshold confident fraction": 0.5,
+               "temperature tools": {"entropy_temperature_base": 1.0,
+                                     "entropy_temperature_alpha": 1.0,
+                                     "ensemble_temperatures": [0.5, 1.0, 2.0],
+                                     "confidence_threshold": 0.5, "confident_temperature": 0.8,
+                                     "uncertain_temperature": 1.5}}
     format_eval_table(metrics)  # the metrics evaluate writes
     lines = [{"split": "valid", "iteration": 100, **metrics, "ppl tempnet": 99.0},
              {"split": "valid", "iteration": 200, **metrics}, {"note": "not metrics"}]
@@ -179,8 +187,11 @@ def test_export_generation_config_and_model_card(single_process, tmp_path, token
                      "| initial tau | 0.8 |", "| iteration | 200 |",
                      "| tokens seen | 102,400 |", "| layout (TP / PP / DP) | 2 / 1 / 2 |",
                      "| data | the demo corpus |", "| tau = 1 | 30.5000 | 0.1200 |",
-                     "| own tau (TempNet), mean 0.910 | 28.2500 | 0.0300 |",
-                     "| best global T = 0.95 | 29.0000 | 0.0500 |", "trust_remote_code=True",
+                     "| TempNet tau (mean 0.910) | 28.2500 | 0.0300 |",
+                     "| best global T = 0.95 | 29.0000 | 0.0500 |",
+                     "| ensemble T in {0.5, 1, 2} | 29.5000 | 0.0400 |",
+                     "| entropy-adaptive T (base 1, a 1; mean 1.250) | 29.7500 | 0.0600 |",
+                     "trust_remote_code=True",
                      "lm_eval --model hf", ".loss", "transformers >= 4.57"):
         assert expected in card, expected
     assert (out / "requirements.txt").read_text().startswith("torch>=")
