@@ -157,6 +157,7 @@ WEIGHTS_ONLY = "model_weights_only"
 
 # The trainer's own state in a checkpoint (training/loop.py TrainLoop.state_dict)
 TRAIN_STATE_KEYS = ("iteration", "consumed_samples")
+OPTIONAL_TRAIN_STATE_KEYS = ("run_control",)  # absent from older checkpoints
 
 
 def fresh_train_state() -> dict:
@@ -238,6 +239,7 @@ class Checkpointer:
         """What every format stores beside the tensors: the trainer's state (iteration,
         consumed_samples), the scheduler's, the run record (the shape check)."""
         return {**{k: train_state[k] for k in TRAIN_STATE_KEYS},
+                **{k: train_state[k] for k in OPTIONAL_TRAIN_STATE_KEYS if k in train_state},
                 "scheduler": self.scheduler.state_dict(),
                 "checkpoint_version": CHECKPOINT_VERSION, "config": self.record,
                 "lineage": self.lineage}
@@ -401,7 +403,8 @@ class Checkpointer:
                      + (f" at iteration {plan.saved['iteration']}" if plan.resume else ""))
         if not plan.resume:
             return fresh_train_state()
-        return {k: plan.saved[k] for k in TRAIN_STATE_KEYS}
+        return {k: plan.saved[k] for k in (*TRAIN_STATE_KEYS, *OPTIONAL_TRAIN_STATE_KEYS)
+                if k in plan.saved}
 
     def load(self) -> dict:
         """Restore from ``--load``; returns the trainer's saved state (iteration,

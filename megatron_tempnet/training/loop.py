@@ -94,11 +94,18 @@ class TrainLoop:
     log: Callable[[str], None] = print
 
     def state_dict(self) -> dict:
-        return {"iteration": self.state.iteration, **self.batches.state_dict()}
+        """The loop's own state in a checkpoint: the iteration, the data iterator's position
+        and what the run control's divergence checks remember."""
+        state = {"iteration": self.state.iteration, **self.batches.state_dict()}
+        if self.control is not None:
+            state["run_control"] = self.control.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.state.iteration = int(state["iteration"])
         self.batches.load_state_dict(state)
+        if self.control is not None and state.get("run_control") is not None:
+            self.control.load_state_dict(state["run_control"])  # older checkpoints: none
 
     def restore(self) -> None:
         """The checkpointer's ``--load`` (model, optimizer, ...) and this loop's own state."""

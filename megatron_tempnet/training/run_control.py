@@ -69,6 +69,20 @@ class RunControl:
         self._mean_loss, self._seen = None, 0
         self._best_loss, self._uniform_since = math.inf, None
 
+    def state_dict(self) -> dict:
+        """What the loss-spike and collapse checks remember (saved with a checkpoint, so that a
+        resumed job goes on counting: a run resumed from a checkpoint taken while the loss sat
+        at ln V still stops after --collapse-patience iterations in all)."""
+        best = self._best_loss if math.isfinite(self._best_loss) else None
+        return {"mean_loss": self._mean_loss, "seen": self._seen, "best_loss": best,
+                "uniform_since": self._uniform_since}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._mean_loss, self._seen = state["mean_loss"], int(state["seen"])
+        best = state["best_loss"]
+        self._best_loss = math.inf if best is None else float(best)
+        self._uniform_since = state["uniform_since"]
+
     def bind(self, device, vocab_size: int | None, losses: Sequence[str] | None) -> None:
         """What the checks need of the run once it is built: the device of the all-reduce, the
         vocabulary (the collapse check's ln V), the reported losses whose finiteness is checked
