@@ -84,15 +84,17 @@ def test_interleaved_checkpoint_exports_the_same_model(results, work, tiny_corpu
     weights of the PP=2 run's at the same iteration (same start, same data: rtol 1e-4)."""
     from safetensors.torch import load_file
 
-    tensors = {}
-    for name in ("pp", "vp"):
-        out = work / f"hf-{name}"
-        proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint_to_hf.py"),
-                               "--load", str(work / name / "iter_0000002"), "--output", str(out),
-                               "--tokenizer-model", tiny_corpus.tokenizer_model],
-                              capture_output=True, text=True, timeout=300, cwd=str(REPO))
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        tensors[name] = {k: v for f in sorted(out.glob("*.safetensors"))
+    tensors, procs = {}, {}
+    for name in ("pp", "vp"):  # both exports at once: each a one-core process, mostly imports
+        procs[name] = subprocess.Popen(
+            [sys.executable, str(REPO / "tools" / "convert_checkpoint_to_hf.py"), "--load",
+             str(work / name / "iter_0000002"), "--output", str(work / f"hf-{name}"),
+             "--tokenizer-model", tiny_corpus.tokenizer_model],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-4000:]
+        tensors[name] = {k: v for f in sorted((work / f"hf-{name}").glob("*.safetensors"))
                          for k, v in load_file(f).items()}
     assert tensors["pp"].keys() == tensors["vp"].keys() and tensors["pp"]
     for key, ref in tensors["pp"].items():

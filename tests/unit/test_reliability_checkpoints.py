@@ -4,7 +4,8 @@ Most cases run the real commands (train / evaluate / export ``main``) in ONE wor
 (tests/workers/reliability_worker.py: megatron-core imported once) and assert, per case, the
 exit code, the one ``error:`` line (no traceback) and that the checkpoint directories are
 byte-for-byte unchanged. Cases needing their own processes (a live lock holder, a SIGTERM during
-start-up, two torchrun ranks) launch them here.
+start-up, two torchrun ranks) launch them here; they come first, and the worker (fixture
+``worker``, one core) runs in the background meanwhile.
 """
 import json
 import math
@@ -29,14 +30,105 @@ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
 
 
 @pytest.fixture(scope="module")
-def scenarios(tiny_corpus, tmp_path_factory):
+def worker(tiny_corpus, tmp_path_factory):
+    """The scenarios' worker, started in the background: it runs (on one core) beside the tests
+    that launch processes of their own, which come first in this file and start it."""
     work = tmp_path_factory.mktemp("reliability")
-    result = work / "result.json"
-    proc = subprocess.run([sys.executable, str(WORKER), tiny_corpus.data_prefix,
-                           tiny_corpus.tokenizer_model, str(work), str(result)], env=ENV,
-                          capture_output=True, text=True, timeout=900, cwd=str(REPO))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-    return json.loads(result.read_text())
+    with open(work / "worker.out", "w") as out, open(work / "worker.err", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(WORKER), tiny_corpus.data_prefix,
+                                 tiny_corpus.tokenizer_model, str(work),
+                                 str(work / "result.json")], env=ENV, stdout=out, stderr=err,
+                                text=True, cwd=str(REPO))
+    try:
+        yield proc, work
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def scenarios(worker):
+    proc, work = worker
+    try:
+        proc.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    out, err = ((work / f"worker.{n}").read_text(errors="replace") for n in ("out", "err"))
+    assert proc.returncode == 0, out[-4000:] + err[-8000:]
+    return json.loads((work / "result.json").read_text())
+
+
+# the tests that launch their own processes first: the scenarios' worker runs meanwhile
+
+def _train_cmd(corpus, *extra):
+    return [sys.executable, "-m", "megatron_tempnet.train", "--model", "tiny-gpt",
+            *corpus.data_flags(), "--seq-length", "32", "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--log-interval", "1", "--eval-iters", "0", *extra]
+
+
+@pytest.mark.usefixtures("worker")  # started: it runs meanwhile
+def test_second_run_on_a_locked_save_dir_is_refused(tiny_corpus, tmp_path):
+    save = tmp_path / "S"
+    first = subprocess.Popen(_train_cmd(tiny_corpus, "--save", str(save), "--train-iters",
+                                        "100000", "--save-interval", "100000"), env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             cwd=str(REPO))
+    try:
+        for line in first.stdout:  # wait until it trains
+            if line.startswith("iteration"):
+                break
+        second = subprocess.run(_train_cmd(tiny_corpus, "--save", str(save), "--load",
+                                           str(save), "--train-iters", "4"), env=ENV,
+                                capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    finally:
+        first.kill()
+        first.wait()
+    assert_one_error(second, "is in use by another run", f"pid {first.pid}")
+    assert json.loads((save / "exit_status.json").read_text())["reason"] == "running"  # first's
+
+
+@pytest.mark.usefixtures("worker")  # started: it runs meanwhile
+def test_sigterm_during_start_up_exits_with_the_preemption_code(tiny_corpus, tmp_path):
+    save = tmp_path / "S"
+    proc = subprocess.Popen(_train_cmd(tiny_corpus, "--save", str(save), "--train-iters", "3"),
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=str(REPO))
+    time.sleep(1.5)  # importing megatron-core takes longer: the signal lands during start-up
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, out[-2000:] + err[-3000:]
+    assert "during start-up" in out or "received SIGTERM" in out, out[-2000:]
+    status = json.loads((save / "exit_status.json").read_text())
+    assert (status["exit_code"], status["reason"]) == (3, "preempted")
+
+
+@pytest.mark.parallel
+@pytest.mark.usefixtures("worker")
+def test_torchrun_bad_input_prints_once_and_records_the_code(tiny_corpus, tmp_path):
+    """2 ranks under torchrun (which reports any failure as exit 1): the one line comes from
+    rank 0 only, and exit_status.json holds the real code."""
+    save = tmp_path / "S"
+    # its own sample-index cache: the worker, running meanwhile, trains with the same settings
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), "-m", "megatron_tempnet.train",
+           *_train_cmd(tiny_corpus)[3:], "--data-cache-path", str(tmp_path / "index_cache")]
+    ok = subprocess.run(cmd + ["--save", str(save), "--train-iters", "2"], env=ENV,
+                        capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    bad = subprocess.run(cmd + ["--save", str(save), "--load", str(save), "--train-iters", "4",
+                                "--seq-length", "16"], env=ENV, capture_output=True, text=True,
+                         timeout=300, cwd=str(REPO))
+    errors = [line for line in (bad.stdout + bad.stderr).splitlines() if "error:" in line
+              and "--seq-length" in line]
+    assert bad.returncode != 0 and len(errors) == 1, bad.stderr[-4000:]
+    # torchrun prints its own ChildFailedError report; no worker prints a traceback
+    assert not [line for line in bad.stderr.splitlines()
+                if line.startswith("[rank") and "Traceback" in line], bad.stderr[-4000:]
+    status = json.loads((save / "exit_status.json").read_text())
+    assert (status["exit_code"], status["reason"]) == (2, "bad input")
+    assert "--seq-length: checkpoint 32, this run 16" in status["message"]
 
 
 def one_error(r: dict, *words: str) -> str:
@@ -164,71 +256,6 @@ def test_collapse_to_uniform_stops_the_run():
     control = RunControl(CheckpointConfig(collapse_patience=0), vocab_size=100)
     for it, loss in enumerate([1.0] + [ln_v] * 50):
         control._check_collapse(it, loss)  # 0: off
-
-
-def _train_cmd(corpus, *extra):
-    return [sys.executable, "-m", "megatron_tempnet.train", "--model", "tiny-gpt",
-            *corpus.data_flags(), "--seq-length", "32", "--micro-batch-size", "2",
-            "--global-batch-size", "4", "--log-interval", "1", "--eval-iters", "0", *extra]
-
-
-def test_second_run_on_a_locked_save_dir_is_refused(tiny_corpus, tmp_path):
-    save = tmp_path / "S"
-    first = subprocess.Popen(_train_cmd(tiny_corpus, "--save", str(save), "--train-iters",
-                                        "100000", "--save-interval", "100000"), env=ENV,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             cwd=str(REPO))
-    try:
-        for line in first.stdout:  # wait until it trains
-            if line.startswith("iteration"):
-                break
-        second = subprocess.run(_train_cmd(tiny_corpus, "--save", str(save), "--load",
-                                           str(save), "--train-iters", "4"), env=ENV,
-                                capture_output=True, text=True, timeout=300, cwd=str(REPO))
-    finally:
-        first.kill()
-        first.wait()
-    assert_one_error(second, "is in use by another run", f"pid {first.pid}")
-    assert json.loads((save / "exit_status.json").read_text())["reason"] == "running"  # first's
-
-
-def test_sigterm_during_start_up_exits_with_the_preemption_code(tiny_corpus, tmp_path):
-    save = tmp_path / "S"
-    proc = subprocess.Popen(_train_cmd(tiny_corpus, "--save", str(save), "--train-iters", "3"),
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=str(REPO))
-    time.sleep(1.5)  # importing megatron-core takes longer: the signal lands during start-up
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 3, out[-2000:] + err[-3000:]
-    assert "during start-up" in out or "received SIGTERM" in out, out[-2000:]
-    status = json.loads((save / "exit_status.json").read_text())
-    assert (status["exit_code"], status["reason"]) == (3, "preempted")
-
-
-@pytest.mark.parallel
-def test_torchrun_bad_input_prints_once_and_records_the_code(tiny_corpus, tmp_path):
-    """2 ranks under torchrun (which reports any failure as exit 1): the one line comes from
-    rank 0 only, and exit_status.json holds the real code."""
-    save = tmp_path / "S"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), "-m", "megatron_tempnet.train",
-           *_train_cmd(tiny_corpus)[3:]]
-    ok = subprocess.run(cmd + ["--save", str(save), "--train-iters", "2"], env=ENV,
-                        capture_output=True, text=True, timeout=300, cwd=str(REPO))
-    assert ok.returncode == 0, ok.stderr[-3000:]
-    bad = subprocess.run(cmd + ["--save", str(save), "--load", str(save), "--train-iters", "4",
-                                "--seq-length", "16"], env=ENV, capture_output=True, text=True,
-                         timeout=300, cwd=str(REPO))
-    errors = [line for line in (bad.stdout + bad.stderr).splitlines() if "error:" in line
-              and "--seq-length" in line]
-    assert bad.returncode != 0 and len(errors) == 1, bad.stderr[-4000:]
-    # torchrun prints its own ChildFailedError report; no worker prints a traceback
-    assert not [line for line in bad.stderr.splitlines()
-                if line.startswith("[rank") and "Traceback" in line], bad.stderr[-4000:]
-    status = json.loads((save / "exit_status.json").read_text())
-    assert (status["exit_code"], status["reason"]) == (2, "bad input")
-    assert "--seq-length: checkpoint 32, this run 16" in status["message"]
 
 
 def test_a_filesystem_without_locks_is_one_line(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import math
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch.distributed as dist
@@ -211,17 +212,33 @@ def test_resolve_needs_no_process_group_and_is_idempotent(monkeypatch):
 
 # --- end to end: python -m megatron_tempnet.train exits 2 with one line, no traceback ---------
 
-@pytest.mark.parametrize("flags,message", [
+BAD_TRAIN_VALUES = [
     (["--seq-length", "0"], "error: --seq-length 0: must be an integer >= 1"),
     (["--micro-batch-size", "0"], "error: --micro-batch-size 0: must be an integer >= 1"),
     (["--tempnet-loss-mode", "tempnet_dro", "--tempnet-rho", "9.0"],
      r"error: --tempnet-rho 9\.0 >= log V = 6\.21 \(vocabulary 500\)"),
-])
-def test_train_command_bad_value_is_one_line(tiny_corpus, flags, message):
-    out = subprocess.run(
-        [sys.executable, "-m", "megatron_tempnet.train", "--model", "tiny-gpt",
-         *tiny_corpus.data_flags(), "--seq-length", "32", "--micro-batch-size", "2",
-         "--global-batch-size", "4", "--train-iters", "2", "--eval-iters", "0", *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_train_runs(tiny_corpus):
+    """The commands of every BAD_TRAIN_VALUES case, started together (each a fresh Python
+    process, mostly imports on one core; CI has 2 cores): futures, in that order."""
+    with ThreadPoolExecutor(max_workers=len(BAD_TRAIN_VALUES)) as pool:
+        yield [pool.submit(
+            subprocess.run,
+            [sys.executable, "-m", "megatron_tempnet.train", "--model", "tiny-gpt",
+             *tiny_corpus.data_flags(), "--seq-length", "32", "--micro-batch-size", "2",
+             "--global-batch-size", "4", "--train-iters", "2", "--eval-iters", "0", *flags],
+            cwd=REPO, capture_output=True, text=True, timeout=300)
+            for flags, _ in BAD_TRAIN_VALUES]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_TRAIN_VALUES)),
+                         ids=[" ".join(flags) for flags, _ in BAD_TRAIN_VALUES])
+def test_train_command_bad_value_is_one_line(bad_train_runs, case):
+    flags, message = BAD_TRAIN_VALUES[case]
+    out = bad_train_runs[case].result()
+    assert out.args[-len(flags):] == flags
     line = assert_one_error(out)
     assert re.match(message, line), line

@@ -7,6 +7,7 @@ import re
 import struct
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -312,24 +313,36 @@ def train_command(data_prefix, tokenizer_model):
             "--eval-iters", "0", "--log-interval", "1"]
 
 
-def assert_one_error_line(cmd, expected):
+def run_train(cmd) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    assert_one_error(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                                    env=env), expected)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
 
 
-def test_train_rejects_ids_beyond_the_vocabulary(tmp_path, tiny_corpus):
-    prefix = write_dataset(tmp_path / "foreign", random_docs(200, 3, 400) + [[7, 1999, 8]])
-    assert_one_error_line(train_command(prefix, tiny_corpus.tokenizer_model),
-                          f"error: data prefix {prefix} holds token id 1999 >= the tokenizer's "
-                          f"vocabulary size 500 (--tokenizer-model {tiny_corpus.tokenizer_model})")
-
-
-def test_train_rejects_an_index_with_shuffled_lengths(tmp_path, tiny_corpus):
-    prefix = str(tmp_path / "copy")
+@pytest.fixture(scope="module")
+def bad_data_runs(tmp_path_factory, tiny_corpus):
+    """Both end-to-end cases' inputs, then their commands started together (each a fresh Python
+    process, mostly imports on one core; CI has 2): {case: (data prefix, detail, future)}."""
+    d = tmp_path_factory.mktemp("bad_data")
+    foreign = write_dataset(d / "foreign", random_docs(200, 3, 400) + [[7, 1999, 8]])
+    shuffled = str(d / "copy")
     for suffix in (".bin", ".idx"):
-        Path(prefix + suffix).write_bytes(Path(tiny_corpus.data_prefix + suffix).read_bytes())
-    first_bad = shuffle_lengths(prefix)
-    assert_one_error_line(train_command(prefix, tiny_corpus.tokenizer_model),
-                          f"error: {prefix}.idx: sequence {first_bad} starts at byte")
+        Path(shuffled + suffix).write_bytes(Path(tiny_corpus.data_prefix + suffix).read_bytes())
+    first_bad = shuffle_lengths(shuffled)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {case: (prefix, detail, pool.submit(run_train, train_command(
+                   prefix, tiny_corpus.tokenizer_model)))
+               for case, prefix, detail in (("foreign ids", foreign, None),
+                                            ("shuffled lengths", shuffled, first_bad))}
+
+
+def test_train_rejects_ids_beyond_the_vocabulary(bad_data_runs, tiny_corpus):
+    prefix, _, run = bad_data_runs["foreign ids"]
+    assert_one_error(run.result(),
+                     f"error: data prefix {prefix} holds token id 1999 >= the tokenizer's "
+                     f"vocabulary size 500 (--tokenizer-model {tiny_corpus.tokenizer_model})")
+
+
+def test_train_rejects_an_index_with_shuffled_lengths(bad_data_runs):
+    prefix, first_bad, run = bad_data_runs["shuffled lengths"]
+    assert_one_error(run.result(), f"error: {prefix}.idx: sequence {first_bad} starts at byte")

@@ -1,7 +1,11 @@
 """tools/study.py and megatron_tempnet/experiments/study/: the grid rules (no training), then
 tiny real studies on the demo corpus (fixture ``tiny_corpus``): every column and plot, resume
 without rerunning finished cells, a deleted cell rerun, a crashing cell recorded, the test-split
-evaluation."""
+evaluation.
+
+The studies run their cells as single-threaded subprocesses (mostly imports), one at a time: the
+crash and test-split studies (fixture ``side_studies``) run in a background thread beside the
+smoke study, on the core its cells leave idle (CI has 2)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -88,11 +93,42 @@ def _study(corpus, out: Path, *args: str, cwd=REPO) -> subprocess.CompletedProce
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
+def _crash_study(corpus, out: Path) -> subprocess.CompletedProcess:
+    """A base model that crashes (a bad model flag under ``--``) with a cell depending on it."""
+    return _study(corpus, out, "--loss-modes", "tempnet_dro", "--training-modes", "frozen_lm",
+                  "--seeds", "1", "--train-iters", "2", "--no-plots", "--",
+                  "--num-attention-heads", "3")
+
+
+def _test_split_study(corpus, cwd: Path) -> subprocess.CompletedProcess:
+    """From outside the repository (``cwd``) with a relative --out: ``cwd / "study"``."""
+    return _study(corpus, Path("study"), "--loss-modes", "tempnet_dro", "--training-modes",
+                  "scratch", "--seeds", "1", "--train-iters", "2", "--test-eval-iters", "2",
+                  "--no-plots", cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def side_studies(request, tiny_corpus, tmp_path_factory):
+    """The crash and the test-split studies (of the selected tests), started one after the
+    other in a background thread when the smoke study starts; each test waits for its own:
+    {test name: (out dir, future of the finished study)}."""
+    selected = {item.originalname for item in request.session.items
+                if getattr(item, "module", None) is request.module}
+    crash, split = tmp_path_factory.mktemp("crash"), tmp_path_factory.mktemp("test_split")
+    studies = {"test_crashing_cell_is_recorded": (crash / "study", _crash_study,
+                                                  crash / "study"),
+               "test_final_evaluation_on_the_test_split": (split / "study", _test_split_study,
+                                                           split)}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield {name: (out, pool.submit(run, tiny_corpus, where))
+               for name, (out, run, where) in studies.items() if name in selected}
+
+
 def _lines(stdout: str, word: str) -> list[str]:
     return [ln for ln in stdout.splitlines() if ln.startswith("[") and word in ln]
 
 
-def test_smoke_study_resumes(tiny_corpus, tmp_path):
+def test_smoke_study_resumes(tiny_corpus, tmp_path, side_studies):
     out = tmp_path / "study"
     grid = ["--loss-modes", "ce", "tempnet_dro", "--training-modes", "scratch", "frozen_lm",
             "--seeds", "1", "2", "--train-iters", "3", "--archs", "paper", "scale_aware",
@@ -174,13 +210,11 @@ def test_smoke_study_resumes(tiny_corpus, tmp_path):
     assert [r["seeds ok"] for r in again["rows"]] == [2] * 5
 
 
-def test_crashing_cell_is_recorded(tiny_corpus, tmp_path):
+def test_crashing_cell_is_recorded(side_studies):
     """A base model that crashes (bad model flag) is an error row; its dependent cell is not run
     and says why; the study still writes its tables and exits 2."""
-    out = tmp_path / "study"
-    res = _study(tiny_corpus, out, "--loss-modes", "tempnet_dro", "--training-modes",
-                 "frozen_lm", "--seeds", "1", "--train-iters", "2", "--no-plots", "--",
-                 "--num-attention-heads", "3")
+    out, future = side_studies["test_crashing_cell_is_recorded"]
+    res = future.result()
     assert res.returncode == 2, res.stdout[-4000:] + res.stderr[-4000:]
     report = json.loads((out / "results.json").read_text())
     errors = {r["training mode"]: r["error"] for r in report["rows"]}
@@ -190,13 +224,11 @@ def test_crashing_cell_is_recorded(tiny_corpus, tmp_path):
     assert "FAILED" in res.stdout and "num-attention-heads" in (out / "results.md").read_text()
 
 
-def test_final_evaluation_on_the_test_split(tiny_corpus, tmp_path):
+def test_final_evaluation_on_the_test_split(side_studies):
     """Also: run from outside the repository with a relative --out (the cells run with the
     repository as their working directory), and --no-plots links no plots."""
-    out = tmp_path / "study"
-    res = _study(tiny_corpus, Path("study"), "--loss-modes", "tempnet_dro", "--training-modes",
-                 "scratch", "--seeds", "1", "--train-iters", "2", "--test-eval-iters", "2",
-                 "--no-plots", cwd=tmp_path)
+    out, future = side_studies["test_final_evaluation_on_the_test_split"]
+    res = future.result()
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     cell = json.loads((out / "results.json").read_text())["cells"][0]
     record = json.loads((out / "cells" / cell["cell"] / "test_eval.jsonl").read_text())

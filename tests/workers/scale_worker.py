@@ -3,16 +3,18 @@ the same run without it. One launch, several runs (``train.build`` re-initialize
 groups). Dropout is off, so every layout computes the same function of the same data.
 
 grads: one iteration at TP=2 without the distributed optimizer (``main_grad`` then holds the
-all-reduced gradient of every parameter of this rank's shard): the losses and every gradient,
-for GPT and LLaMA with TempNet (tempnet_dro): base and sp (--sequence-parallel) through the
-reference and the fused_linear loss; through the reference also selective
+all-reduced gradient of every parameter of this rank's shard; global batch 4: two accumulated
+micro-batches, half the Triton-interpreter time of fused_linear at 8): the losses and every
+gradient, for GPT and LLaMA with TempNet (tempnet_dro): base and sp (--sequence-parallel)
+through the reference and the fused_linear loss; through the reference also selective
 (--recompute-granularity selective), full (full / uniform 1), block (full / block 1) and
 sp_full (SP + full / uniform 2).
 history: 3 iterations (the logged losses and grad norms) of the layouts that place the weights
-differently: dp (TP=1, PP=1, DP=2: the reference), pp (PP=2), vp (PP=2 x VP=2), overlap (DP=2,
-distributed optimizer, --overlap-grad-reduce --overlap-param-gather, small buckets), each from
-the same weights (a 1-iteration checkpoint loaded with --finetune: the layouts would initialise
-differently); vp and overlap also checkpointed at 2 and resumed to 3.
+differently: dp (TP=1, PP=1, DP=2: the reference), pp (PP=2, saving at 2 for the HF export),
+vp (PP=2 x VP=2), overlap (DP=2, distributed optimizer, --overlap-grad-reduce
+--overlap-param-gather, small buckets), each from the same weights (a 1-iteration checkpoint
+loaded with --finetune: the layouts would initialise differently); vp and overlap also
+checkpointed at 2 and resumed to 3.
 
 Usage: scale_worker.py <data prefix> <tokenizer model> <work dir>
 """
@@ -28,10 +30,10 @@ from torchrun import save_rank_result
 DATA, TOKENIZER, WORK = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 
 
-def flags(*extra, model="tiny-llama", iters=1, tp=1, pp=1):
+def flags(*extra, model="tiny-llama", iters=1, tp=1, pp=1, gbs=8):
     return ["--model", model, "--data-path", DATA, "--tokenizer-model", TOKENIZER,
             "--split", "99,1,0", "--seq-length", "32", "--micro-batch-size", "2",
-            "--global-batch-size", "8", "--lr", "5e-3", "--min-lr", "5e-4",
+            "--global-batch-size", str(gbs), "--lr", "5e-3", "--min-lr", "5e-4",
             "--lr-warmup-iters", "0", "--log-interval", "1", "--hidden-dropout", "0",
             "--attention-dropout", "0", "--eval-iters", "0",
             "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
@@ -42,7 +44,8 @@ def flags(*extra, model="tiny-llama", iters=1, tp=1, pp=1):
 
 def grads(*extra, **kw):
     """(lm loss, dro loss, {name: main_grad}) after one iteration."""
-    t = entry.build(parse_args(flags("--use-distributed-optimizer", "false", *extra, **kw)))
+    t = entry.build(parse_args(flags("--use-distributed-optimizer", "false", *extra, gbs=4,
+                                     **kw)))
     state = t.train()
     metrics = state.metrics[-1][1] if state.metrics else {}
     named = {n: p.main_grad.detach().clone() for chunk in t.model_chunks
@@ -85,11 +88,10 @@ def main():
             }
     entry.build(parse_args(flags("--save", INIT))).train()  # 1 iteration: the shared start
     r["dp"] = history()
-    r["pp"] = history(pp=2)
+    r["pp"] = history("--save", str(WORK / "pp"), "--save-interval", "2", pp=2)
     r["vp"] = history("--virtual-pipeline-model-parallel-size", "2", pp=2)
     r["overlap"] = history("--overlap-grad-reduce", "--overlap-param-gather",
                            "--ddp-bucket-size", "2000")
-    r["pp_saved"] = history("--save", str(WORK / "pp"), "--save-interval", "2", pp=2)
     save = str(WORK / "vp")
     r["vp_saved"] = history("--virtual-pipeline-model-parallel-size", "2", "--save", save,
                             "--save-interval", "2", pp=2)
