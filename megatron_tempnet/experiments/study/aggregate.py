@@ -22,6 +22,13 @@ COLUMNS = (("ppl tau=1", "ppl τ=1", "{:.2f}"),
            ("ece tau=1", "ECE τ=1", "{:.4f}"),
            ("ece own tau", "ECE own τ", "{:.4f}"),
            ("ece best T", "ECE best T", "{:.4f}"),
+           # the temperature tools beside TempNet (tempnet/temperature_tools.py), untuned
+           ("ppl entropy T", "ppl entropy T", "{:.2f}"),
+           ("ppl threshold T", "ppl threshold T", "{:.2f}"),
+           ("ppl ensemble", "ppl ensemble", "{:.2f}"),
+           ("ece entropy T", "ECE entropy T", "{:.4f}"),
+           ("ece threshold T", "ECE threshold T", "{:.4f}"),
+           ("ece ensemble", "ECE ensemble", "{:.4f}"),
            ("own / best T", "own ÷ best T", "{:.3f}"),
            ("own / ce", "own ÷ CE", "{:.3f}"),
            ("tau std", "τ std", "{:.3f}"),  # the own tau's spread over tokens

@@ -45,6 +45,8 @@ def summarize(metrics: dict) -> dict:
            "own tau name": own or "tau=1"}
     out.update({"tau std": m.get("tau std"), "r2 tau*": m.get("r2 tau*"),
                 "pearson tau*": m.get("pearson tau*"), "tau* mean": m.get("tau* mean")})
+    for tool in TEMPERATURE_TOOLS:  # None for an evaluation from before the tools
+        out.update({f"ppl {tool}": m.get(f"ppl {tool}"), f"ece {tool}": m.get(f"ece {tool}")})
     if own is None:
         out.update({"ppl own tau": m["ppl tau=1"], "ece own tau": m["ece tau=1"],
                     "own tau": 1.0})
