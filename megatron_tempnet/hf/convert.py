@@ -31,12 +31,10 @@ def _single_process():
 
 def checkpoint_config(path: Path) -> tuple[ModelConfig, TempNetConfig, dict]:
     """The model and TempNet configs a checkpoint directory was saved with."""
-    from megatron_tempnet.training.run_record import read_run_record
+    from megatron_tempnet.training.run_record import read_run_record, record_configs
 
     record = read_run_record(path)
-    model = ModelConfig(**record["model"])
-    tempnet = TempNetConfig(**record["tempnet"])
-    return model, tempnet, record
+    return (*record_configs(record), record)
 
 
 def model_for_layout(model_cfg: ModelConfig, saved_tp: int) -> ModelConfig:
@@ -145,17 +143,13 @@ def checkpoint_info(load: str) -> dict:
     """What the model card tells of a checkpoint: source (its directory), iteration,
     consumed_samples, record (the run record); {} when ``load`` holds none (the load that
     follows names the problem)."""
-    from megatron.core import dist_checkpointing
-
     from megatron_tempnet.training.checkpoint_layout import load_format, resolve_load_dir
-    from megatron_tempnet.training.deepspeed import read_client_state
+    from megatron_tempnet.training.run_record import read_common_state
 
     try:
         fmt = load_format(load)
         path = resolve_load_dir(load, None, fmt)
-        read = read_client_state if fmt == "deepspeed" else (
-            lambda p: dist_checkpointing.load_common_state_dict(str(p)))
-        common = read(path) if path else None
+        common = read_common_state(path, fmt) if path else None
     except Exception:  # noqa: BLE001  (load_checkpoint_full reports a bad checkpoint)
         return {}
     if not isinstance(common, dict):
@@ -190,16 +184,12 @@ def read_hf_config(hf_dir: str) -> tuple[dict, str]:
 
 
 def exported_tempnet_config(config: dict) -> TempNetConfig | None:
-    """The TempNetConfig a TempNet export (config.json's ``tempnet``) was trained with; None
-    for a plain model."""
-    if "tempnet" not in config:
-        return None
-    names = {f.name for f in dataclasses.fields(TempNetConfig)}
-    try:
-        return TempNetConfig(**{k: v for k, v in config["tempnet"].items() if k in names})
-    except TypeError as e:
-        raise ConfigError(f"config.json's tempnet section {config['tempnet']!r} is not "
-                          f"TempNet's settings ({e})") from e
+    """The TempNetConfig a TempNet export (config.json's ``tempnet``) was trained with, read as
+    the export's own model code reads it (hf/remote/tempnet_math.py ``tempnet_config``: older
+    exports' defaults, dropout off); None for a plain model."""
+    from megatron_tempnet.hf.remote.tempnet_math import tempnet_config
+
+    return tempnet_config(config["tempnet"]) if "tempnet" in config else None
 
 
 def vocab_divisible_by(config: dict, divisible_by: int | None, target_tp: int) -> int:
@@ -289,7 +279,7 @@ def hf_to_checkpoint(hf_dir: str, save: str, make_vocab_size_divisible_by: int |
                                                              write_latest)
     from megatron_tempnet.training.checkpointing import (WEIGHTS_ONLY, model_sharded_state_dict,
                                                          save_sharded)
-    from megatron_tempnet.training.convert_deepspeed import check_new_save_dir
+    from megatron_tempnet.training.checkpoint_layout import check_new_save_dir
 
     _check_hf_to_checkpoint(hf_dir, make_vocab_size_divisible_by, target_tp)
     check_new_save_dir(save)
@@ -316,7 +306,8 @@ def hf_to_checkpoint(hf_dir: str, save: str, make_vocab_size_divisible_by: int |
 
 
 def _check_hf_to_checkpoint(hf_dir: str, divisible_by: int | None, target_tp: int) -> None:
-    """The bad inputs of hf_to_checkpoint, found before any weight is read or file written."""
+    """The bad inputs of hf_to_checkpoint found in config.json alone (hf_to_full names a
+    TempNet export's padding or settings), before any weight is read or file written."""
     from math import gcd
 
     config, family = read_hf_config(hf_dir)
@@ -329,8 +320,6 @@ def _check_hf_to_checkpoint(hf_dir: str, divisible_by: int | None, target_tp: in
         raise ConfigError(
             f"--target-tensor-parallel-size {target_tp} does not divide the {heads} attention "
             f"heads / {groups} query groups of {hf_dir}: use one of {valid}")
-    vocab_divisible_by(config, divisible_by, target_tp)
-    exported_tempnet_config(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +367,9 @@ def describe_checkpoint(path: Path) -> str:
     padding and layout, parameters, TempNet settings, how to use it."""
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    from megatron_tempnet.training.run_record import read_common_state, saved_padded_vocab
+
+    common = read_common_state(path)
     record = common["config"]
     m, tp = record["model"], record["parallel"]["tp"]
     meta = dist_checkpointing.load_tensors_metadata(str(path))
@@ -386,8 +377,6 @@ def describe_checkpoint(path: Path) -> str:
     total = sum(int(torch.Size(s).numel()) for s in shapes.values())
     tempnet = sum(int(torch.Size(s).numel()) for k, s in shapes.items() if "tempnet." in k)
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in meta.values()})
-    from megatron_tempnet.training.run_record import saved_padded_vocab
-
     t = record["tempnet"] if record["tempnet"]["loss_mode"] != "ce" else None
     tn = f" (TempNet {_count(tempnet)})" if tempnet else ""
     return (f"wrote {path}: {m['family']} {m['num_layers']} layers, hidden {m['hidden_size']}, "

@@ -89,6 +89,17 @@ def checkpoint_format(path: Path) -> str | None:
     return None
 
 
+def check_new_save_dir(save: str) -> None:
+    """A converter's ``save`` must be new, or a directory holding no checkpoint (nothing is
+    overwritten)."""
+    root = Path(save)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--save {save} is a file, not a directory: give another --save")
+    if root.is_dir() and ((root / LATEST_FILE).exists() or saved_iterations(root)):
+        raise ConfigError(f"--save {save} already holds a checkpoint; refusing to overwrite it: "
+                          "give another --save (or delete that directory)")
+
+
 def load_format(load: str) -> str:
     """The format of the checkpoint ``--load`` names (the marker's iteration directory, or the
     directory itself); "torch_dist" when it holds none yet (the load names the problem)."""

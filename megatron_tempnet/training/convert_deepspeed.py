@@ -27,7 +27,8 @@ def deepspeed_to_torch_dist(load: str, save: str, log=print) -> Path:
     """Convert the DeepSpeed checkpoint ``load`` names (a save dir or one iter_* dir) into the
     new checkpoint directory ``save``; returns the iteration directory written."""
     from megatron_tempnet.parallel.runtime import free_port
-    from megatron_tempnet.training.checkpoint_layout import iteration_dir, resolve_load_dir
+    from megatron_tempnet.training.checkpoint_layout import (check_new_save_dir, iteration_dir,
+                                                             resolve_load_dir)
     from megatron_tempnet.training.deepspeed import read_client_state
 
     path = resolve_load_dir(load, None, "deepspeed")
@@ -56,28 +57,14 @@ def deepspeed_to_torch_dist(load: str, save: str, log=print) -> Path:
     return out
 
 
-def check_new_save_dir(save: str) -> None:
-    """``save`` must be new, or a directory holding no checkpoint (nothing is overwritten)."""
-    from megatron_tempnet.training.checkpoint_layout import LATEST_FILE, saved_iterations
-
-    root = Path(save)
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"--save {save} is a file, not a directory: give another --save")
-    if root.is_dir() and ((root / LATEST_FILE).exists() or saved_iterations(root)):
-        raise ConfigError(f"--save {save} already holds a checkpoint; refusing to overwrite it: "
-                          "give another --save (or delete that directory)")
-
-
 def _convert_rank(rank: int, world: int, port: int, path: str, save: str) -> None:
     """One tensor-parallel rank: build, load this rank's DeepSpeed weights, save its shards."""
     if world > 1:  # spawned: the conversion runs on the CPU (gloo), whatever GPUs there are
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch.distributed as dist
 
-    from megatron_tempnet.config import ModelConfig
     from megatron_tempnet.models.tempnet_gpt import build_tempnet_model
     from megatron_tempnet.parallel import initialize, shutdown
-    from megatron_tempnet.tempnet.config import TempNetConfig
     from megatron_tempnet.training import integrity
     from megatron_tempnet.training.checkpoint_config import CheckpointConfig
     from megatron_tempnet.training.checkpoint_layout import (CHECKPOINT_VERSION, iteration_dir,
@@ -85,6 +72,7 @@ def _convert_rank(rank: int, world: int, port: int, path: str, save: str) -> Non
     from megatron_tempnet.training.checkpointing import (WEIGHTS_ONLY, model_sharded_state_dict,
                                                          save_sharded)
     from megatron_tempnet.training.deepspeed import DeepSpeedModelLoader, read_client_state
+    from megatron_tempnet.training.run_record import record_configs
 
     env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
@@ -92,10 +80,9 @@ def _convert_rank(rank: int, world: int, port: int, path: str, save: str) -> Non
     try:
         client = read_client_state(Path(path))
         record = client["config"]
-        tempnet = TempNetConfig(**{k: v for k, v in record["tempnet"].items()
-                                   if k in {f.name for f in dataclasses.fields(TempNetConfig)}})
-        model = build_tempnet_model(ModelConfig(**record["model"]),
-                                    dataclasses.replace(tempnet, training_mode="scratch"), ctx)
+        model_cfg, tempnet = record_configs(record)
+        tempnet = dataclasses.replace(tempnet, training_mode="scratch")
+        model = build_tempnet_model(model_cfg, tempnet, ctx)
         cfg = CheckpointConfig(load=path, no_load_optim=True, no_load_rng=True).validate()
         DeepSpeedModelLoader(cfg, [model], ctx, {**record, "parallel": {
             "tp": world, "pp": 1, "dp": 1}}, log=lambda line: None).load()

@@ -205,6 +205,7 @@ def _micro_batch_sums(layout: _StatLayout, model, tp_group, batch, logits):
         nll = torch.cat([nll[:, :k0], ens_nll.unsqueeze(-1)], dim=-1)  # [t, num_cols]
         conf = torch.cat([conf[:, :k0], ens_conf.unsqueeze(-1)], dim=-1)
     keep = (mask != 0).unsqueeze(-1)
+    wk = torch.where(keep[:, 0], mask, 0.0)  # [t] float64: the kept tokens' weights
     w = mask.to(nll.dtype).unsqueeze(-1)  # [t, 1]
     nll_sum = torch.where(keep, nll * w, 0.0).sum(0)  # [J] (masked tokens may hold garbage)
     cw = correct.to(nll.dtype).unsqueeze(-1) * w
@@ -224,13 +225,13 @@ def _micro_batch_sums(layout: _StatLayout, model, tp_group, batch, logits):
             cfg = model.tempnet_config
             star = solve_tau(logits, cfg.rho, cfg.tau_min, cfg.tau_max,
                              tp_group).reshape(-1).to(tau.dtype)
-        wk = torch.where(keep[:, 0], mask, 0.0).to(tau.dtype)
-        parts.append(torch.stack([(wk * tau * tau).sum(), (wk * star).sum(),
-                                  (wk * star * star).sum(), (wk * tau * star).sum()]))
+        wt = wk.to(tau.dtype)
+        parts.append(torch.stack([(wt * tau * tau).sum(), (wt * star).sum(),
+                                  (wt * star * star).sum(), (wt * tau * star).sum()]))
     if tools is not None:
-        wk = torch.where(keep[:, 0], mask, 0.0).to(nll.dtype)
-        parts.append(torch.stack([(wk * tool_t.entropy.to(nll.dtype)).sum(),
-                                  (wk * tool_t.confident.to(nll.dtype)).sum()]))
+        wt = wk.to(nll.dtype)
+        parts.append(torch.stack([(wt * tool_t.entropy.to(nll.dtype)).sum(),
+                                  (wt * tool_t.confident.to(nll.dtype)).sum()]))
     vec = torch.cat(parts)
     assert vec.numel() == layout.size
     return logits.new_zeros(()), mask.sum().to(torch.int), {"eval": vec}

@@ -22,16 +22,34 @@ def run_record(model_cfg, tempnet_cfg, train_cfg, ctx) -> dict:
             "parallel": {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size}}
 
 
-def read_run_record(path, fmt: str = "torch_dist") -> dict:
-    """The run record of the checkpoint directory ``path`` in format ``fmt`` (a key of
-    checkpoint_layout.CHECKPOINT_FORMATS; no tensor read: torch is imported here only)."""
+def read_common_state(path, fmt: str = "torch_dist") -> dict:
+    """What the checkpoint directory ``path`` in format ``fmt`` (a key of
+    checkpoint_layout.CHECKPOINT_FORMATS) stores beside its tensors: iteration,
+    consumed_samples, config (the run record), ... (no tensor read: torch is imported here
+    only)."""
     if fmt == "deepspeed":
         from megatron_tempnet.training.deepspeed import read_client_state
 
-        return read_client_state(path)["config"]
+        return read_client_state(path)
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load_common_state_dict(str(path))["config"]
+    return dist_checkpointing.load_common_state_dict(str(path))
+
+
+def read_run_record(path, fmt: str = "torch_dist") -> dict:
+    """The run record of the checkpoint directory ``path`` in format ``fmt``."""
+    return read_common_state(path, fmt)["config"]
+
+
+def record_configs(record: dict):
+    """(ModelConfig, TempNetConfig) of a run record; TempNet fields this version does not know
+    (a record of another version) are left out."""
+    from megatron_tempnet.config import ModelConfig
+    from megatron_tempnet.tempnet.config import TempNetConfig
+
+    names = {f.name for f in dataclasses.fields(TempNetConfig)}
+    return (ModelConfig(**record["model"]),
+            TempNetConfig(**{k: v for k, v in record["tempnet"].items() if k in names}))
 
 
 def saved_padded_vocab(record: dict) -> int:
