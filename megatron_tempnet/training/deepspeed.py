@@ -388,7 +388,7 @@ class DeepSpeedCheckpointer(Checkpointer):
         keep their init) or extra (a TempNet checkpoint into a plain-CE run). Returns the
         TempNet keys kept at init."""
         saved = set(plan.saved["module"])
-        own = [k for k in self.engine.module.state_dict() if not k.endswith("_extra_state")]
+        own = [k for k in _unwrap(self.chunks[0]).state_dict() if not k.endswith("_extra_state")]
         missing = [k for k in own if k not in saved]
         unexpected = [k for k in saved - set(own)
                       if not k.startswith("tempnet.") and not k.endswith("_extra_state")]
@@ -422,16 +422,16 @@ class DeepSpeedModelLoader(DeepSpeedCheckpointer):
                 f"(this run: TP={self.ctx.tp_size}, PP={self.ctx.pp_size}); for another layout "
                 f"convert it first: python tools/convert_deepspeed_checkpoint.py --load "
                 f"{self.cfg.load} --save <new dir>")
+        skipped = self._check_module_keys(plan) if not plan.resume else []
         missing, unexpected = _unwrap(self.chunks[0]).load_state_dict(
             read_module_states(plan.path, self.ctx.tp_rank), strict=False)
-        missing = [m for m in missing if not m.endswith("_extra_state")
-                   and (plan.resume or not m.startswith("tempnet."))]
-        unexpected = [u for u in unexpected if not u.endswith("_extra_state")
-                      and (plan.resume or not u.startswith("tempnet."))]
-        if missing or unexpected:
-            raise ConfigError(f"checkpoint {plan.path}: missing {missing}, unexpected "
-                              f"{unexpected} model keys")
-        return self.finish_load(plan, None, None, "model weights")
+        if plan.resume:  # every tensor, as DeepSpeed's strict load of a resume
+            missing = [m for m in missing if not m.endswith("_extra_state")]
+            unexpected = [u for u in unexpected if not u.endswith("_extra_state")]
+            if missing or unexpected:
+                raise ConfigError(f"checkpoint {plan.path}: missing {missing}, unexpected "
+                                  f"{unexpected} model keys")
+        return self.finish_load(plan, None, None, model_weights_loaded(skipped))
 
 
 def read_module_states(path: Path, tp_rank: int) -> dict:
